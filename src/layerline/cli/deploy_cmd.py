@@ -1,0 +1,68 @@
+"""``layerline deploy``: start a sliced model (or a plan) as a chain of stage workers behind a gateway."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from layerline.cli.output import console
+from layerline.cli.status_cmd import print_status
+
+__all__ = ["default_name", "register"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "deploy",
+        help="run a sliced model as a chain of stage workers with an HTTP gateway",
+        description="Start one worker process per stage and a gateway; returns when every stage is "
+        "connected, and leaves them running until `layerline down`.",
+        epilog="examples:\n  layerline deploy vgg16.sliced --stages 3\n"
+        "  layerline deploy vgg16.plan.json\n"
+        "  layerline deploy vgg16.sliced --stages 2 --port 9000 --name vgg-test --threads 1",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("target", type=Path, help="a sliced model directory or a plan file")
+    p.add_argument("--stages", type=int, help="split into this many stages balancing compute (default 1)")
+    p.add_argument("--name", help="served model name (default: the model's name from the manifest)")
+    p.add_argument("--engine", choices=("local",), default="local", help="where to run the stages (local)")
+    p.add_argument("--host", default="127.0.0.1", help="gateway address (127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765, help="gateway port (8765)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads per stage (1)")
+    p.add_argument("--exact", action="store_true", help="no graph optimisations: bit-exact vs monolithic")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness (120)")
+    p.add_argument("--request-timeout", type=float, default=30.0, help="deadline per request, s (30)")
+    p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body, MB (64)")
+    p.set_defaults(func=run)
+
+
+def default_name(sliced_dir: Path) -> str:
+    from layerline.graph import Manifest
+
+    return Manifest.load(sliced_dir).model_name
+
+
+def run(args: argparse.Namespace) -> int:
+    from layerline.engines.local import DeploySettings, LocalEngine
+    from layerline.engines.stages import resolve_target
+
+    target = resolve_target(args.target, args.stages)
+    settings = DeploySettings(
+        name=args.name or default_name(target.sliced_dir),
+        host=args.host,
+        port=args.port,
+        threads=args.threads,
+        exact=args.exact,
+        ready_timeout_s=args.timeout,
+        request_timeout_s=args.request_timeout,
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+    )
+    engine = LocalEngine()
+    with console.status("deploying ...") as spinner:
+        state = engine.deploy(target, settings, progress=lambda m: spinner.update(m))
+    console.print(f"[green]ready[/]: model {state.name!r} served at {state.url}")
+    print_status(engine.status(state.name))
+    console.print(
+        f"try: layerline predict INPUT.npy --url {state.url}    stop: layerline down --name {state.name}"
+    )
+    return 0

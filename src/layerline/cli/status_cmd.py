@@ -1,0 +1,90 @@
+"""``layerline status`` and ``layerline down``."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.table import Table
+
+from layerline.cli.output import console, print_json
+from layerline.errors import EngineError
+
+__all__ = ["print_status", "register"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "status",
+        help="show running deployments, stage by stage",
+        epilog="examples:\n  layerline status\n  layerline status --name vgg16 --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--name", help="only this deployment")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=run_status)
+
+    d = sub.add_parser(
+        "down",
+        help="stop a deployment and remove its state",
+        epilog="examples:\n  layerline down\n  layerline down --name vgg16\n  layerline down --all",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d.add_argument("--name", help="the deployment to stop (needed when several run)")
+    d.add_argument("--all", action="store_true", help="stop every deployment")
+    d.set_defaults(func=run_down)
+
+
+def _names(name: str | None) -> list[str]:
+    from layerline.engines.state import list_deployments
+
+    names = list_deployments()
+    if name is None:
+        return names
+    if name not in names:
+        raise EngineError(f"no deployment named {name!r}; running: {', '.join(names) or 'none'}")
+    return [name]
+
+
+def print_status(status) -> None:
+    state = status.state
+    ready = "[green]ready[/]" if status.ready else f"[red]not ready[/] ({status.detail})"
+    console.print(f"[bold]{state.name}[/]  engine={state.engine}  {state.url}  {ready}")
+    table = Table()
+    for col in ("process", "blocks", "device", "pid", "running", "log"):
+        table.add_column(col)
+    devices = {f"stage{s['index']}": s.get("device", "local") for s in state.stages}
+    for p in status.processes:
+        blocks = f"{p.blocks[0]}–{p.blocks[1] - 1}" if p.blocks else ""
+        running = "[green]yes[/]" if p.running else "[red]no[/]"
+        table.add_row(p.role, blocks, devices.get(p.role, ""), str(p.pid), running, p.log)
+    console.print(table)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from layerline.engines.local import LocalEngine
+
+    engine = LocalEngine()
+    statuses = [engine.status(n) for n in _names(args.name)]
+    if args.json:
+        print_json({"deployments": [s.to_json() for s in statuses]})
+    elif not statuses:
+        console.print("no deployments; start one with `layerline deploy SLICED --stages K`")
+    for s in statuses if not args.json else ():
+        print_status(s)
+    return 0 if all(s.ready for s in statuses) else 1
+
+
+def run_down(args: argparse.Namespace) -> int:
+    from layerline.engines.local import LocalEngine
+
+    names = _names(args.name)
+    if not names:
+        console.print("no deployments to stop")
+        return 0
+    if len(names) > 1 and not args.all:
+        raise EngineError(f"several deployments run ({', '.join(names)}); pass --name NAME or --all")
+    engine = LocalEngine()
+    for name in names:
+        engine.down(name)
+        console.print(f"stopped {name}")
+    return 0

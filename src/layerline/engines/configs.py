@@ -1,0 +1,95 @@
+"""The files a local deployment runs from: merged stage models, worker configs and the gateway config."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from layerline.engines.processes import free_port
+from layerline.engines.stages import DeployTarget
+from layerline.errors import FormatError, LayerlineError
+
+__all__ = ["GATEWAY_CONFIG_VERSION", "DeploymentFiles", "write_deployment_files"]
+
+GATEWAY_CONFIG_VERSION = 1
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class DeploymentFiles:
+    worker_configs: tuple[Path, ...]
+    worker_ports: tuple[int, ...]
+    gateway_config: Path
+
+
+def write_deployment_files(target: DeployTarget, settings: Any, workdir: Path) -> DeploymentFiles:
+    """Write stage ``i``'s merged graph and worker config, and the gateway's config, under ``workdir``.
+
+    Workers listen on free loopback ports; the last one sends its results to the gateway's result port.
+    """
+    from layerline.graph import Manifest, stage_forward_names, write_stage_model
+    from layerline.runtime.stagespec import StageSpec
+    from layerline.runtime.worker import WorkerConfig
+    from layerline.serve.model_info import ModelInfo
+
+    manifest = Manifest.load(target.sliced_dir)
+    stage_dir = workdir / "stages"
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    ports = [free_port(LOOPBACK) for _ in target.ranges]
+    result_port = free_port(LOOPBACK)
+    configs = []
+    for i, (start, stop) in enumerate(target.ranges):
+        model_path = stage_dir / f"stage{i}.onnx"
+        try:
+            write_stage_model(target.sliced_dir, start, stop, model_path)
+        except LayerlineError:
+            raise
+        except Exception as exc:  # onnx raises plain exceptions for damaged protobufs
+            raise FormatError(
+                f"cannot build stage {i} (blocks {start}–{stop - 1}) from {target.sliced_dir}: "
+                f"{type(exc).__name__}: {exc}; the sliced model may be damaged, slice it again"
+            ) from exc
+        spec = StageSpec(
+            index=i,
+            model_path=str(model_path),
+            forward=stage_forward_names(manifest, start, stop),
+            threads=settings.threads,
+            exact=settings.exact,
+        )
+        downstream = ports[i + 1] if i + 1 < len(ports) else result_port
+        config = WorkerConfig(
+            stage=spec,
+            listen_host=LOOPBACK,
+            listen_port=ports[i],
+            downstream_host=LOOPBACK,
+            downstream_port=downstream,
+            queue_size=settings.queue_size,
+            name=f"{settings.name}/stage{i}",
+        )
+        path = stage_dir / f"stage{i}.json"
+        config.save(path)
+        configs.append(path)
+    model = ModelInfo(name=settings.name, inputs=manifest.inputs, outputs=manifest.outputs)
+    gateway = {
+        "format": "layerline.gateway",
+        "format_version": GATEWAY_CONFIG_VERSION,
+        "model": model.to_json(),
+        "settings": {
+            "host": settings.host,
+            "port": settings.port,
+            "max_body_bytes": settings.max_body_bytes,
+            "request_timeout_s": settings.request_timeout_s,
+        },
+        "pipeline": {
+            "host": LOOPBACK,
+            "port": ports[0],
+            "stages": len(ports),
+            "result_host": LOOPBACK,
+            "result_port": result_port,
+        },
+    }
+    gateway_path = workdir / "gateway.json"
+    gateway_path.write_text(json.dumps(gateway, indent=2))
+    return DeploymentFiles(tuple(configs), tuple(ports), gateway_path)

@@ -1,0 +1,214 @@
+"""The embedded ``local`` engine: stage workers and the gateway as background processes on this machine.
+
+``deploy`` writes each stage's merged ONNX graph and config into the deployment's directory, starts one
+worker process per stage and a gateway process, and returns once the gateway reports the whole chain
+ready — or stops everything it started and raises with the failing process's own error message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from layerline.engines import processes
+from layerline.engines.stages import DeployTarget
+from layerline.engines.state import (
+    DeploymentState,
+    ProcessRecord,
+    deployment_dir,
+    list_deployments,
+    load_state,
+    save_state,
+)
+from layerline.errors import DeploymentExists, EngineError, FormatError
+
+__all__ = ["DeploySettings", "DeploymentStatus", "LocalEngine", "StageProcessStatus"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeploySettings:
+    """How to run a deployment: its name, the gateway address, and the workers' settings."""
+
+    name: str
+    host: str = "127.0.0.1"
+    port: int = 8765
+    threads: int = 1
+    exact: bool = False
+    ready_timeout_s: float = 120.0
+    request_timeout_s: float = 30.0
+    max_body_bytes: int = 64 * 1024 * 1024
+    queue_size: int = 8
+
+
+@dataclass(frozen=True)
+class StageProcessStatus:
+    role: str
+    pid: int
+    running: bool
+    blocks: tuple[int, int] | None
+    log: str
+
+
+@dataclass(frozen=True)
+class DeploymentStatus:
+    state: DeploymentState
+    processes: tuple[StageProcessStatus, ...]
+    ready: bool
+    detail: str
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.state.name,
+            "engine": self.state.engine,
+            "url": self.state.url,
+            "ready": self.ready,
+            "detail": self.detail,
+            "started_at": self.state.started_at,
+            "sliced": self.state.sliced,
+            "stages": list(self.state.stages),
+            "processes": [
+                {"role": p.role, "pid": p.pid, "running": p.running, "blocks": p.blocks, "log": p.log}
+                for p in self.processes
+            ],
+        }
+
+
+def _http_ready(url: str, timeout_s: float = 2.0) -> tuple[bool, str]:
+    try:
+        with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=timeout_s) as resp:
+            return resp.status == 200, "ready"
+    except urllib.error.HTTPError as exc:
+        body = exc.read().decode(errors="replace")
+        with contextlib.suppress(ValueError, AttributeError):
+            body = json.loads(body).get("error", body)
+        return False, body or f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        return False, f"gateway not answering at {url} ({getattr(exc, 'reason', exc)})"
+
+
+class LocalEngine:
+    """Runs deployments as processes on this machine; state lives under ``$LAYERLINE_HOME``."""
+
+    name = "local"
+
+    def deploy(
+        self,
+        target: DeployTarget,
+        settings: DeploySettings,
+        progress: Callable[[str], None] = lambda _msg: None,
+    ) -> DeploymentState:
+        from layerline.engines.configs import write_deployment_files
+
+        self._refuse_conflicts(settings)
+        workdir = deployment_dir(settings.name)
+        workdir.mkdir(parents=True, exist_ok=True)
+        started: list[ProcessRecord] = []
+        try:
+            progress(f"writing {len(target.ranges)} stage models")
+            files = write_deployment_files(target, settings, workdir)
+            for i, cfg in enumerate(files.worker_configs):
+                logfile = workdir / "logs" / f"stage{i}.log"
+                proc = processes.spawn(["-m", "layerline.runtime.worker", "--config", str(cfg)], logfile)
+                started.append(ProcessRecord(f"stage{i}", proc.pid, str(logfile), files.worker_ports[i]))
+            logfile = workdir / "logs" / "gateway.log"
+            proc = processes.spawn(
+                ["-m", "layerline.engines.gateway_main", "--config", str(files.gateway_config)], logfile
+            )
+            started.append(ProcessRecord("gateway", proc.pid, str(logfile), settings.port))
+            state = DeploymentState(
+                name=settings.name,
+                engine=self.name,
+                url=f"http://{settings.host}:{settings.port}",
+                host=settings.host,
+                port=settings.port,
+                sliced=str(target.sliced_dir.resolve()),
+                stages=tuple(
+                    {"index": i, "blocks": list(r), "device": d}
+                    for i, (r, d) in enumerate(zip(target.ranges, target.devices, strict=True))
+                ),
+                processes=tuple(started),
+                started_at=time.time(),
+                extra={"threads": settings.threads, "exact": settings.exact},
+            )
+            save_state(state)
+            progress("waiting for every stage to connect")
+            self._wait_ready(state, settings.ready_timeout_s)
+            return state
+        except BaseException:
+            processes.stop_processes([p.pid for p in started], timeout_s=3.0)
+            _remove_dir(workdir)
+            raise
+
+    def _refuse_conflicts(self, settings: DeploySettings) -> None:
+        if settings.name in list_deployments():
+            try:
+                old = load_state(settings.name)
+            except FormatError:
+                old = None
+            if old is not None and any(processes.is_running(p.pid) for p in old.processes):
+                raise DeploymentExists(
+                    f"a deployment named {settings.name!r} is already running at {old.url}; "
+                    f"stop it with `layerline down --name {settings.name}` or pick another --name"
+                )
+            log.info("removing the stale state of stopped deployment %s", settings.name)
+            _remove_dir(deployment_dir(settings.name))
+        if processes.port_in_use(settings.host, settings.port):
+            raise DeploymentExists(
+                f"port {settings.port} on {settings.host} is already in use (another deployment or program); "
+                "stop it (`layerline status` lists deployments) or pass --port"
+            )
+
+    def _wait_ready(self, state: DeploymentState, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        detail = ""
+        while time.monotonic() < deadline:
+            for p in state.processes:
+                if not processes.is_running(p.pid):
+                    raise EngineError(
+                        f"{p.role} exited during start-up; its log ({p.log}) ends with:\n"
+                        f"{processes.tail(Path(p.log)) or '(empty)'}"
+                    )
+            ready, detail = _http_ready(state.url)
+            if ready:
+                return
+            time.sleep(0.1)
+        raise EngineError(
+            f"the pipeline was not ready within {timeout_s:.0f} s ({detail}); logs are in "
+            f"{deployment_dir(state.name) / 'logs'}; raise --timeout for very large models"
+        )
+
+    def down(self, name: str) -> DeploymentState:
+        """Stop every process of deployment ``name`` and remove its directory."""
+        state = load_state(name)
+        processes.stop_processes([p.pid for p in reversed(state.processes)])
+        _remove_dir(deployment_dir(name))
+        return state
+
+    def status(self, name: str) -> DeploymentStatus:
+        state = load_state(name)
+        blocks = {f"stage{s['index']}": tuple(s["blocks"]) for s in state.stages}
+        procs = tuple(
+            StageProcessStatus(p.role, p.pid, processes.is_running(p.pid), blocks.get(p.role), p.log)
+            for p in state.processes
+        )
+        gateway_up = any(p.role == "gateway" and p.running for p in procs)
+        ready, detail = _http_ready(state.url) if gateway_up else (False, "gateway process is not running")
+        return DeploymentStatus(state, procs, ready, detail)
+
+
+def _remove_dir(path: Path) -> None:
+    """Remove a deployment directory (only ever one under the deployments root)."""
+    import shutil
+
+    root = deployment_dir("x").parent.resolve()
+    if path.resolve().parent == root and path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)

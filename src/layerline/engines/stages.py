@@ -1,0 +1,60 @@
+"""Turning a sliced model (and a plan or a stage count) into the stage ranges a deployment runs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from layerline.errors import FormatError, PlanError
+
+__all__ = ["DeployTarget", "resolve_target"]
+
+
+@dataclass(frozen=True)
+class DeployTarget:
+    """The sliced model directory and the half-open block ranges, one per stage."""
+
+    sliced_dir: Path
+    ranges: tuple[tuple[int, int], ...]
+    devices: tuple[str, ...]
+    source: str  # "plan" or "balanced"
+
+
+def _is_plan_file(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("format") == "layerline.plan"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def resolve_target(target: Path, stages: int | None) -> DeployTarget:
+    """``target`` is a sliced directory (split into ``stages`` balanced stages) or a plan file."""
+    from layerline.graph import Manifest
+    from layerline.plan import balanced_split, load_plan, validate_plan
+
+    if _is_plan_file(target):
+        if stages is not None:
+            raise PlanError(f"{target} is a plan, which fixes the stages; drop --stages {stages}")
+        plan = load_plan(target)
+        manifest = Manifest.load(Path(plan.sliced))
+        validate_plan(plan, len(manifest.blocks))
+        return DeployTarget(
+            Path(plan.sliced),
+            tuple(tuple(s.blocks) for s in plan.stages),
+            tuple(s.device for s in plan.stages),
+            "plan",
+        )
+    if not target.is_dir():
+        raise FormatError(
+            f"{target} is neither a sliced model directory nor a plan file; "
+            f"create one with `layerline slice MODEL -o {target}`"
+        )
+    manifest = Manifest.load(target)
+    k = 1 if stages is None else stages
+    # Balance the estimated compute; a block with no heavy op still costs something to run.
+    costs = [max(float(b.flops), 1.0) for b in manifest.blocks]
+    ranges = balanced_split(costs, k)
+    return DeployTarget(target, tuple(ranges), ("local",) * len(ranges), "balanced")
