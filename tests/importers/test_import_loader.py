@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +68,25 @@ def test_directory_and_corrupt_file(tmp_path: Path) -> None:
     (tmp_path / "bad.onnx").write_bytes(b"this is not protobuf \xff\xfe")
     with pytest.raises(ModelImportError, match="not a readable ONNX model"):
         load_model(tmp_path / "bad.onnx")
+
+
+def test_missing_extras_say_what_to_install() -> None:
+    """Without torch (or keras) the converters name the extra to install."""
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None\n"
+        "sys.modules['keras'] = None\n"
+        "from layerline.errors import ModelImportError\n"
+        "from layerline.importers import from_keras, from_torch\n"
+        "for call in (lambda: from_torch(object(), ()), lambda: from_keras('m.keras')):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except ModelImportError as exc:\n"
+        "        print(exc)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2
+    assert "pip install 'layerline[torch]'" in lines[0]
+    assert "pip install 'layerline[keras]'" in lines[1]

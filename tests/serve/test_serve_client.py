@@ -14,6 +14,7 @@ import pytest
 
 from layerline.errors import BadRequest, DeadlineExceeded, InferenceError, StageFailed, StageUnavailable
 from layerline.serve.client import GatewayClient, GatewayUnreachable, error_for_status
+from layerline.tensors import TensorSpec
 
 
 def _pair(batch: int) -> dict[str, np.ndarray]:
@@ -51,6 +52,8 @@ def test_metadata_health_and_metrics(pair_gw: Any) -> None:
     assert client.model == "pair"  # discovered through /v2/repository/index
     assert client.model_metadata()["inputs"][1] == {"name": "mask", "datatype": "INT64", "shape": [-1, 6]}
     assert client.server_metadata()["name"] == "layerline"
+    info = client.model_info()
+    assert info.name == "pair" and info.input("mask") == TensorSpec("mask", "int64", ("?", 6))
     assert client.ready() is True
     client.wait_ready(5)
     assert client.health()["ready"] is True

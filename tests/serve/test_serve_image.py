@@ -107,12 +107,13 @@ def test_softmax_and_top_k() -> None:
     logits = np.array([1.0, 3.0, 2.0, 0.0], np.float32)
     probs = softmax(logits)
     assert probs.sum() == pytest.approx(1.0)
-    (row,) = top_k(logits, 2)
+    row = top_k(logits, 2)  # one row of scores: one list of (class, probability)
     assert [c for c, _ in row] == [1, 2]
     assert row[0][1] == pytest.approx(float(probs[1]))
-    batch = np.array([[0.0, 10.0], [10.0, 0.0]])
+    batch = np.array([[0.0, 10.0], [10.0, 0.0]])  # a batch: one list per row
     assert [[c for c, _ in r] for r in top_k(batch, 5)] == [[1, 0], [0, 1]]  # k capped at classes
-    assert top_k(np.array([0.2, 0.7, 0.1]), 1, apply_softmax=False) == [[(1, 0.7)]]
+    assert top_k([0.2, 0.7, 0.1], 1, apply_softmax=False) == [(1, 0.7)]
+    assert top_k(np.array([[0.0, 0.0, 0.0]]), 2) == [[(0, pytest.approx(1 / 3)), (1, pytest.approx(1 / 3))]]
     assert softmax(np.array([1000.0, 1000.0])).tolist() == [0.5, 0.5]  # no overflow
     with pytest.raises(ValueError, match="k must be >= 1"):
         top_k(logits, 0)

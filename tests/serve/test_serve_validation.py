@@ -363,6 +363,13 @@ def test_model_info_metadata_and_json() -> None:
         ModelInfo.from_json({**PAIR.to_json(), "format_version": 99})
     with pytest.raises(FormatError, match="malformed"):
         ModelInfo.from_json({"format_version": 1, "name": "a"})
+    assert ModelInfo.from_metadata(meta) == ModelInfo(
+        "pair",
+        inputs=(TensorSpec("x", "float32", ("?", 6)), TensorSpec("mask", "int64", ("?", 6))),
+        outputs=(TensorSpec("y", "float32", ("?", 3)), TensorSpec("count", "int64", ("?", 1))),
+    )
+    with pytest.raises(FormatError, match="malformed tensor"):
+        ModelInfo.from_metadata({**meta, "inputs": [{"name": "x", "datatype": "FLOAT", "shape": [1]}]})
     with pytest.raises(ValueError, match="no '/'"):
         ModelInfo("a/b", PAIR.inputs, PAIR.outputs)
 

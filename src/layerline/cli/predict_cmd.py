@@ -51,8 +51,8 @@ def resolve_url(url: str | None, name: str | None) -> str:
 
 
 def _load_inputs(path: Path, client) -> dict[str, np.ndarray]:
-    meta = client.model_metadata()
-    names = [t["name"] for t in meta["inputs"]]
+    info = client.model_info()
+    names = [spec.name for spec in info.inputs]
     suffix = path.suffix.lower()
     if not path.is_file():
         raise BadRequest(f"input file {path} does not exist")
@@ -67,11 +67,11 @@ def _load_inputs(path: Path, client) -> dict[str, np.ndarray]:
             )
         return {names[0]: array}
     if suffix in IMAGE_SUFFIXES:
-        from layerline.serve.image import image_to_tensor
+        from layerline.serve.image import load_image
 
         if len(names) != 1:
-            raise BadRequest("an image can only feed a single-input model")
-        return {names[0]: image_to_tensor(path, meta["inputs"][0]["shape"])}
+            raise BadRequest("an image can only feed a single-input model; pass an .npz with each input")
+        return {names[0]: load_image(path, info.inputs[0])}
     raise BadRequest(f"cannot read {path}: use .npy, .npz or an image ({', '.join(sorted(IMAGE_SUFFIXES))})")
 
 

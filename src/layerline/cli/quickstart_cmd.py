@@ -13,6 +13,7 @@ import numpy as np
 from rich.table import Table
 
 from layerline.cli.output import console, human_bytes, human_seconds, print_json
+from layerline.cli.slice_cmd import human_flops
 
 __all__ = ["register"]
 
@@ -115,7 +116,7 @@ def _run(args: argparse.Namespace, workdir: Path) -> int:
         print_json(result)
         return 0 if equal else 1
     table = Table(title=f"{args.model}: {len(manifest.blocks)} blocks in {len(target.ranges)} stages")
-    for col in ("stage", "blocks", "weights", "GFLOP"):
+    for col in ("stage", "blocks", "weights", "FLOPs (est.)"):
         table.add_column(col, justify="right")
     for i, (start, stop) in enumerate(target.ranges):
         blocks = manifest.blocks[start:stop]
@@ -123,7 +124,7 @@ def _run(args: argparse.Namespace, workdir: Path) -> int:
             str(i),
             f"{start}–{stop - 1}",
             human_bytes(sum(b.weight_bytes for b in blocks)),
-            f"{sum(b.flops for b in blocks) / 1e9:.2f}",
+            human_flops(sum(b.flops for b in blocks)),
         )
     console.print(table)
     console.print(

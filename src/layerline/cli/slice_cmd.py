@@ -58,21 +58,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def human_flops(flops: float) -> str:
+    for unit, scale in (("GFLOP", 1e9), ("MFLOP", 1e6), ("kFLOP", 1e3)):
+        if flops >= scale:
+            return f"{flops / scale:.2f} {unit}"
+    return f"{flops:.0f} FLOP"
+
+
 def print_manifest(manifest, title: str) -> None:
     """Print one row per block: ops, weights, FLOPs, and the bytes leaving it at batch 1."""
     table = Table(title=title)
-    for col in ("block", "ops", "weights", "GFLOP", "out tensors", "out bytes (batch 1)"):
-        table.add_column(col, justify="right" if col != "ops" else "left")
+    table.add_column("block", justify="right")
+    table.add_column("ops", no_wrap=True, overflow="ellipsis", max_width=32)
+    for col in ("weights", "FLOPs (est.)", "live out", "bytes out (batch 1)"):
+        table.add_column(col, justify="right")
     for i, block in enumerate(manifest.blocks):
         boundary = manifest.boundaries[i + 1]
-        ops = ", ".join(f"{k}×{v}" if v > 1 else k for k, v in list(block.op_counts.items())[:4])
-        if len(block.op_counts) > 4:
-            ops += ", …"
+        ops = " ".join(f"{k}×{v}" if v > 1 else k for k, v in block.op_counts.items())
         table.add_row(
             str(i),
             ops,
             human_bytes(block.weight_bytes),
-            f"{block.flops / 1e9:.3f}",
+            human_flops(block.flops),
             str(len(boundary.tensors)),
             human_bytes(boundary.total_bytes_batch1),
         )

@@ -53,12 +53,6 @@ class GraphBuilder:
     def uniform(self, name: str, shape: Sequence[int], low: float, high: float) -> str:
         return self.const(name, self.rng.uniform(low, high, tuple(shape)).astype(np.float32))
 
-    def zeros(self, name: str, shape: Sequence[int]) -> str:
-        return self.const(name, np.zeros(tuple(shape), dtype=np.float32))
-
-    def ones(self, name: str, shape: Sequence[int]) -> str:
-        return self.const(name, np.ones(tuple(shape), dtype=np.float32))
-
     def ints(self, name: str, values: Sequence[int]) -> str:
         return self.const(name, np.asarray(values, dtype=np.int64))
 

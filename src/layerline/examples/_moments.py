@@ -47,12 +47,12 @@ class Moments:
         second = (self.mean**2 + self.var) * _cdf(a) + self.mean * s * _pdf(a)
         return Moments(mean, max(second - mean * mean, 1e-12))
 
-    def max_of(self, k: int, effective: float = 0.5) -> Moments:
+    def max_of(self, k: int, effective: float = 1.0) -> Moments:
         """Moments of the maximum of a ``k``-element pooling window of such Gaussian activations.
 
-        Neighbouring activations are correlated, which makes the maximum of ``k`` of them behave like the
-        maximum of fewer independent ones: ``effective * k`` (at least 2). (Max and ReLU commute, so the
-        moments of a ReLU followed by a MaxPool are ``max_of(k).relu()``.)
+        Correlated neighbours make the maximum of ``k`` of them behave like that of fewer independent ones
+        (``effective * k``, at least 2); in the example networks treating them as independent measured
+        closest. Max and ReLU commute, so a ReLU followed by a MaxPool has moments ``max_of(k).relu()``.
         """
         n = max(2.0, effective * k)
         s = self.std

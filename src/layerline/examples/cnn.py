@@ -54,7 +54,7 @@ def vgg16(
             x = g.node("Relu", [x], f"block{b}/relu{i}")
             c_in, m = c_out, Moments(0.0, 1.0).relu()
         x = g.node("MaxPool", [x], f"block{b}/pool", kernel_shape=[2, 2], strides=[2, 2])
-        m = Moments(0.0, 1.0).max_of(4, effective=1.0).relu()
+        m = Moments(0.0, 1.0).max_of(4).relu()
     x = g.node("Flatten", [x], "flatten", axis=1)
     side = image_size // 32
     d_in, hidden = c_in * side * side, _scaled(4096, width)

@@ -114,8 +114,9 @@ def get_example(name: str) -> ExampleInfo:
 
 
 def build_example(name: str, path: str | os.PathLike[str], **size: Any) -> Path:
-    """Build example ``name`` and save it as ONNX at ``path`` (a file, or a directory to put
-    ``<name>.onnx`` in); weights go to an external data file if the model exceeds 2 GB."""
+    """Build example ``name`` and save it as ONNX at ``path``: a file, or a directory (an existing one, or a
+    new path without a suffix) to put ``<name>.onnx`` in. Weights go to an external data file if the model
+    exceeds 2 GB. Returns the file written."""
     info = get_example(name)
     target = Path(path)
     if target.is_dir() or (not target.suffix and not target.exists()):

@@ -21,11 +21,13 @@ import numpy as np
 from layerline.errors import (
     BadRequest,
     DeadlineExceeded,
+    FormatError,
     InferenceError,
     ProtocolError,
     StageFailed,
     StageUnavailable,
 )
+from layerline.serve.model_info import ModelInfo
 from layerline.serve.oip import HEADER_LENGTH, decode_infer_response, encode_infer_request
 from layerline.serve.validation import decode_npy, decode_npz, encode_npy, encode_npz
 
@@ -131,6 +133,13 @@ class GatewayClient:
     def model_metadata(self) -> dict[str, Any]:
         """``GET /v2/models/{name}``: the model's inputs and outputs (OIP datatypes, -1 for dynamic dims)."""
         return self._json("GET", f"/v2/models/{self.model}")
+
+    def model_info(self) -> ModelInfo:
+        """The model's metadata as a :class:`ModelInfo` (dynamic dims as ``"?"``), e.g. for ``load_image``."""
+        try:
+            return ModelInfo.from_metadata(self.model_metadata())
+        except FormatError as exc:
+            raise ProtocolError(f"the gateway at {self.url} sent malformed model metadata: {exc}") from exc
 
     def health(self) -> dict[str, Any]:
         """``GET /v2/health/ready`` as a dict (``ready``, ``detail``, ``stages``), ready or not."""

@@ -7,8 +7,9 @@ everything after decoding (layout, scaling, normalisation) is plain numpy in :fu
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -125,23 +126,27 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / np.sum(e, axis=axis, keepdims=True)
 
 
-def top_k(logits: np.ndarray, k: int = 5, apply_softmax: bool = True) -> list[list[tuple[int, float]]]:
-    """The ``k`` most likely classes of each row: ``[[(class, probability), ...], ...]``, best first.
+@overload
+def top_k(logits: Sequence[float], k: int = 5, apply_softmax: bool = True) -> list[tuple[int, float]]: ...
+@overload
+def top_k(logits: np.ndarray, k: int = 5, apply_softmax: bool = True) -> list: ...
+def top_k(logits: Any, k: int = 5, apply_softmax: bool = True) -> list:
+    """The ``k`` most likely classes, best first, as ``(class, probability)`` pairs.
 
-    ``logits`` is (classes,) or (batch, classes). Pass ``apply_softmax=False`` when the model already ends
-    in a softmax, so that its probabilities are reported as they are.
+    One row of scores (shape ``(classes,)``) gives one list of pairs; a batch (``(batch, classes)``) gives
+    a list of such lists, one per row. Pass ``apply_softmax=False`` when the model already ends in a
+    softmax, so that its probabilities are reported as they are.
     """
     x = np.asarray(logits)
-    if x.ndim == 1:
-        x = x[np.newaxis]
-    if x.ndim != 2 or x.shape[1] == 0:
+    if x.ndim not in (1, 2) or x.shape[-1] == 0:
         raise ValueError(f"top_k needs (classes,) or (batch, classes) scores, got shape {list(x.shape)}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    probs = softmax(x) if apply_softmax else x.astype(np.float64)
-    k = min(k, x.shape[1])
-    rows: list[list[tuple[int, float]]] = []
+    rows = x[np.newaxis] if x.ndim == 1 else x
+    probs = softmax(rows) if apply_softmax else rows.astype(np.float64)
+    k = min(k, rows.shape[1])
+    result: list[list[tuple[int, float]]] = []
     for row in probs:
         order = np.argsort(-row, kind="stable")[:k]
-        rows.append([(int(i), float(row[i])) for i in order])
-    return rows
+        result.append([(int(i), float(row[i])) for i in order])
+    return result[0] if x.ndim == 1 else result

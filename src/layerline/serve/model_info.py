@@ -22,6 +22,7 @@ __all__ = [
     "numpy_dtype_for",
     "oip_datatype",
     "oip_shape",
+    "spec_from_oip",
 ]
 
 FORMAT_VERSION = 1
@@ -66,6 +67,15 @@ def numpy_dtype_for(datatype: str) -> np.dtype:
 def oip_shape(spec: TensorSpec) -> list[int]:
     """The spec's shape as OIP metadata writes it: -1 for every dynamic dimension."""
     return [d if isinstance(d, int) else -1 for d in spec.shape]
+
+
+def spec_from_oip(entry: dict[str, Any]) -> TensorSpec:
+    """A TensorSpec from an OIP metadata tensor (``{"name", "datatype", "shape"}``); -1 becomes ``"?"``."""
+    try:
+        shape = tuple("?" if int(d) < 0 else int(d) for d in entry["shape"])
+        return TensorSpec(str(entry["name"]), numpy_dtype_for(entry["datatype"]).name, shape)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FormatError(f"model metadata has a malformed tensor {entry!r}: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -136,6 +146,21 @@ class ModelInfo:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise FormatError(f"model info is malformed ({exc}); regenerate it") from exc
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, Any]) -> ModelInfo:
+        """The model described by an OIP ``GET /v2/models/{name}`` answer (dynamic dims become ``"?"``)."""
+        try:
+            versions = meta.get("versions") or ["1"]
+            return cls(
+                name=str(meta["name"]),
+                version=str(versions[-1]),
+                platform=str(meta.get("platform", "onnxruntime")),
+                inputs=tuple(spec_from_oip(t) for t in meta["inputs"]),
+                outputs=tuple(spec_from_oip(t) for t in meta["outputs"]),
+            )
+        except (KeyError, TypeError) as exc:
+            raise FormatError(f"model metadata is malformed ({exc})") from exc
 
     @classmethod
     def from_onnx(cls, model: str | Path | Any, name: str, version: str = "1") -> ModelInfo:
