@@ -123,3 +123,44 @@ def test_too_many_stages_is_a_clear_error(tiny_vgg):
     _, sliced = tiny_vgg
     with pytest.raises(PlanError, match="--stages"):
         resolve_target(sliced, 10_000)
+
+
+def test_deploy_from_a_plan_file(tiny_vgg, tmp_path):
+    """A plan file fixes the block ranges; the deployment follows it and still equals the monolithic model."""
+    from layerline.graph import Manifest
+    from layerline.plan import Plan, PlanStage, save_plan
+
+    model, sliced = tiny_vgg
+    n = Manifest.load(sliced).num_blocks
+    plan = Plan(
+        model_name="vgg16-tiny",
+        sliced=str(sliced),
+        stages=(PlanStage((0, 1)), PlanStage((1, n - 1)), PlanStage((n - 1, n))),
+        num_blocks=n,
+    )
+    save_plan(plan, tmp_path / "vgg.plan.json")
+    target = resolve_target(tmp_path / "vgg.plan.json", None)
+    assert target.ranges == ((0, 1), (1, n - 1), (n - 1, n))
+    with pytest.raises(PlanError, match="drop --stages"):
+        resolve_target(tmp_path / "vgg.plan.json", 2)
+    engine = LocalEngine()
+    state = engine.deploy(target, DeploySettings(name="planned", port=processes.free_port()))
+    try:
+        stages = engine.status("planned").state.stages
+        assert [s["blocks"] for s in stages] == [[0, 1], [1, n - 1], [n - 1, n]]
+        inputs = EXAMPLES["vgg16-tiny"].sample_inputs(1, np.random.default_rng(3))
+        got = GatewayClient(state.url).infer(inputs)
+        for name, expected in _monolithic(model, inputs).items():
+            np.testing.assert_allclose(got[name], expected, rtol=1e-5, atol=1e-6)
+    finally:
+        engine.down("planned")
+
+
+def test_plan_that_does_not_cover_the_model_is_refused(tiny_vgg, tmp_path):
+    from layerline.plan import Plan, PlanStage, save_plan
+
+    _, sliced = tiny_vgg
+    plan = Plan(model_name="x", sliced=str(sliced), stages=(PlanStage((0, 2)),), num_blocks=2)
+    save_plan(plan, tmp_path / "short.plan.json")
+    with pytest.raises(PlanError):
+        resolve_target(tmp_path / "short.plan.json", None)

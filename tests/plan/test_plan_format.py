@@ -90,7 +90,7 @@ def test_placement_to_plan_round_trips(tmp_path):
     [
         (lambda d: d.update(format="other"), "'format' is 'other'"),
         (lambda d: d.update(format_version=2), "format_version 2 is not supported.*upgrade layerline"),
-        (lambda d: d.update(format_version=0), "format_version 0 .*re-run `layerline plan`"),
+        (lambda d: d.update(format_version=0), "format_version 0 .*re-run `layerline configure`"),
         (lambda d: d.pop("model_name"), "'model_name' is None"),
         (lambda d: d.update(objective="fastest"), "'objective' is 'fastest'"),
         (lambda d: d.update(num_blocks=0), "'num_blocks' is 0"),
@@ -113,7 +113,7 @@ def test_load_errors_name_the_file_and_problem(tmp_path, mutate, pattern):
 
 
 def test_load_missing_invalid_and_nan(tmp_path):
-    with pytest.raises(FormatError, match=r"no plan file at .*create one with `layerline plan`"):
+    with pytest.raises(FormatError, match=r"no plan file at .*create one with `layerline configure`"):
         load_plan(tmp_path / "none.json")
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
@@ -159,7 +159,7 @@ def test_validate_plan_accepts_shared_local_and_checks_threads_and_block_count()
     plan = _plan()
     validate_plan(plan, 5)
     with pytest.raises(
-        PlanError, match="made for 5 blocks but the sliced model has 6; re-run `layerline plan`"
+        PlanError, match="made for 5 blocks but the sliced model has 6; re-run `layerline configure`"
     ):
         validate_plan(plan, 6)
     threads = _plan(stages=(PlanStage((0, 5), threads=0),))

@@ -120,7 +120,7 @@ class Plan:
         if not isinstance(version, int) or isinstance(version, bool):
             raise FormatError(f"'format_version' is {version!r}, expected an integer")
         if version != cls.format_version:
-            fix = "upgrade layerline" if version > cls.format_version else "re-run `layerline plan`"
+            fix = "upgrade layerline" if version > cls.format_version else "re-run `layerline configure`"
             raise FormatError(
                 f"format_version {version} is not supported (this layerline reads "
                 f"{cls.format_version}); {fix}"
@@ -161,7 +161,7 @@ def validate_plan(plan: Plan, num_blocks: int) -> None:
     if plan.num_blocks != num_blocks:
         raise PlanError(
             f"the plan was made for {plan.num_blocks} blocks but the sliced model has {num_blocks}; "
-            "re-run `layerline plan` for this sliced model"
+            "re-run `layerline configure` for this sliced model, or write the plan for it"
         )
     if not plan.stages:
         raise PlanError(f"the plan has no stages; add at least one stage covering blocks [0, {num_blocks})")
@@ -233,7 +233,9 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
     try:
         text = source.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise FormatError(f"no plan file at {source}; create one with `layerline plan`") from None
+        raise FormatError(
+            f"no plan file at {source}; create one with `layerline configure` or by hand (docs/plan.md)"
+        ) from None
     except OSError as exc:
         raise FormatError(f"cannot read plan file {source}: {exc}") from exc
     try:
