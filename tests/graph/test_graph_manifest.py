@@ -32,6 +32,7 @@ def test_json_fields(sliced):
     assert data == manifest.to_json()
     assert data["inputs"][1] == {"name": "mask", "dtype": "float32", "shape": ["batch", "seq", "seq"]}
     assert data["opset_imports"] == {"": gm.OPSET}
+    assert data["data_files"] == [] and not data["external_data"]  # an in-memory model embeds its weights
     assert len(data["boundaries"]) == len(data["blocks"]) + 1
     first = data["boundaries"][0]
     assert first["bytes_batch1"] is None and all(t["bytes_batch1"] is None for t in first["tensors"])

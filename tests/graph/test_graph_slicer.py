@@ -256,23 +256,30 @@ def test_external_data_source_gives_external_blocks(tmp_path, monkeypatch):
     in_memory = slice_model(model, tmp_path / "mem")
     assert manifest.boundaries == in_memory.boundaries  # shape inference saw the external scales
     assert [b.flops for b in manifest.blocks] == [b.flops for b in in_memory.blocks]
-    for info in manifest.blocks:
+    assert [(d.file, d.source, d.link) for d in manifest.data_files] == [
+        ("source_000.data", "weights.bin", "hardlink")
+    ]
+    assert (out / "source_000.data").samefile(src.parent / "weights.bin")
+    external = set()
+    for info in manifest.blocks:  # tensors of 1 KiB or more point into the shared file, smaller ones inline
         block = onnx.load(str(out / info.file), load_external_data=False)
-        external = [t for t in block.graph.initializer if uses_external_data(t)]
-        assert [t.name for t in external] == [t.name for t in block.graph.initializer if len(t.raw_data) == 0]
-        if external:  # tensors under 1 KiB stay inline
-            assert info.data_file == Path(info.file).stem + ".data"
-            assert {t.external_data[0].value for t in external} == {info.data_file}
-            assert (out / info.data_file).stat().st_size == sum(tensor_bytes(t) for t in external)
-        else:
-            assert info.data_file is None
-    assert sum(b.data_file is not None for b in manifest.blocks) >= 3
+        assert info.data_file is None
+        for t in block.graph.initializer:
+            assert uses_external_data(t) == (tensor_bytes(t) >= 1024), t.name
+            if uses_external_data(t):
+                external.add(t.name)
+                assert t.external_data[0].value == "source_000.data"
+    assert (
+        len(external) == 3
+    )  # the three conv weights of 8 output channels ("scales" is inline: ORT reads it)
     inputs = gm.feeds(model, 3)
     want = gm.run_monolithic(model, inputs, exact=True)
     for parts in gm.partitions(manifest.num_blocks):
         got = gm.run_partition(out, manifest, parts, inputs, True, tmp_path)
         assert np.array_equal(got["y"], want["y"])
-    assert (tmp_path / f"stage_0_{manifest.num_blocks}.data").is_file()
+    stage_data = tmp_path / f"stage_0_{manifest.num_blocks}.source_000.data"
+    assert stage_data.samefile(src.parent / "weights.bin")
+    assert not (tmp_path / f"stage_0_{manifest.num_blocks}.data").exists()
 
 
 def test_model_file_without_external_data(tmp_path):

@@ -30,6 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-blocks", type=int, help="merge into at most this many blocks")
     p.add_argument("--name", help="model name (default: the file stem)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier slice in the output dir")
+    p.add_argument(
+        "--copy-external-data",
+        action="store_true",
+        help="copy a model's external weight file instead of hard-linking it (see docs/manifest.md)",
+    )
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=run)
 
@@ -50,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
             max_blocks=args.max_blocks,
             name=args.name or model.stem,
             overwrite=args.overwrite,
+            copy_external_data=args.copy_external_data,
         )
     if args.json:
         print_json(manifest.to_json())

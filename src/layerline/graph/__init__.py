@@ -2,13 +2,15 @@
 
 ``slice_model`` writes a sliced directory (``docs/manifest.md``); ``Manifest.load`` reads it back;
 ``build_stage_model`` / ``write_stage_model`` merge a contiguous block range into one stage graph and
-``stage_forward_names`` says which received tensors that stage passes on untouched.
+``stage_forward_names`` says which received tensors that stage passes on untouched. A model whose weights
+are ONNX external data is sliced without copying them (``layerline.graph.extdata``).
 """
 
 from __future__ import annotations
 
 from layerline.graph.cost import HEAVY_OPS, is_heavy, node_flops
 from layerline.graph.cuts import choose_cuts
+from layerline.graph.extdata import DataFile
 from layerline.graph.liveness import GraphAnalysis, analyze_graph, live_sets, topological_order
 from layerline.graph.manifest import (
     FORMAT,
@@ -30,6 +32,7 @@ __all__ = [
     "BlockInfo",
     "Boundary",
     "BoundaryTensor",
+    "DataFile",
     "GraphAnalysis",
     "Manifest",
     "analyze_graph",

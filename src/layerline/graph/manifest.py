@@ -1,8 +1,10 @@
 """The manifest of a sliced model: ``manifest.json`` next to the block files.
 
-A sliced directory holds ``manifest.json`` and one ``block_NNN.onnx`` per block (plus ``block_NNN.data``
-when weights are stored as ONNX external data). The manifest describes every block and every boundary
-(the live tensors crossing each cut); ``docs/manifest.md`` documents each field and its unit.
+A sliced directory holds ``manifest.json`` and one ``block_NNN.onnx`` per block; when weights are stored as
+ONNX external data, also ``source_NNN.data`` (hard links to the source model's data files, which the
+blocks reference) or ``block_NNN.data`` (per-block copies, for an in-memory model over 2 GB). The manifest
+describes every block and every boundary (the live tensors crossing each cut) and the shared data files;
+``docs/manifest.md`` documents each field and its unit.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from layerline.errors import FormatError
+from layerline.graph.extdata import DataFile, check_data_files
 from layerline.tensors import TensorSpec
 
 __all__ = [
@@ -149,7 +152,8 @@ class Manifest:
 
     ``opset_imports`` maps an opset domain (``""`` is the default ONNX domain) to its version.
     ``boundaries`` has ``num_blocks + 1`` entries; block ``k`` runs between ``boundaries[k]`` and
-    ``boundaries[k + 1]``.
+    ``boundaries[k + 1]``. ``data_files``: the external data files, shared by the blocks, that the
+    blocks' tensors reference by name (empty when blocks embed their weights or have their own ``data_file``).
     """
 
     model_name: str
@@ -163,6 +167,7 @@ class Manifest:
     max_live_tensors: int = 4
     granularity: str = "layer"
     external_data: bool = False
+    data_files: tuple[DataFile, ...] = ()
     format: str = field(default=FORMAT)
     format_version: int = field(default=FORMAT_VERSION)
 
@@ -191,6 +196,7 @@ class Manifest:
             "max_live_tensors": self.max_live_tensors,
             "granularity": self.granularity,
             "external_data": self.external_data,
+            "data_files": [d.to_json() for d in self.data_files],
             "inputs": [s.to_json() for s in self.inputs],
             "outputs": [s.to_json() for s in self.outputs],
             "blocks": [b.to_json() for b in self.blocks],
@@ -226,6 +232,7 @@ class Manifest:
                 max_live_tensors=int(data.get("max_live_tensors", 4)),
                 granularity=str(data.get("granularity", "layer")),
                 external_data=bool(data.get("external_data", False)),
+                data_files=tuple(DataFile.from_json(d) for d in data.get("data_files", [])),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise FormatError(f"malformed manifest ({type(exc).__name__}: {exc}); {_FIX}") from exc
@@ -244,7 +251,11 @@ class Manifest:
 
     @classmethod
     def load(cls, directory: str | Path) -> Manifest:
-        """Read ``manifest.json`` from a sliced directory (or the manifest file itself)."""
+        """Read ``manifest.json`` from a sliced directory (or the manifest file itself).
+
+        Also checks that the external data files the blocks reference are there and unchanged since
+        slicing (FormatError naming the file otherwise).
+        """
         path = Path(directory)
         if path.is_dir() or not path.name.endswith(".json"):
             path = path / MANIFEST_FILE
@@ -258,6 +269,8 @@ class Manifest:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise FormatError(f"cannot read manifest {path}: {exc}; {_FIX}") from exc
         try:
-            return cls.from_json(data)
+            manifest = cls.from_json(data)
         except FormatError as exc:
             raise FormatError(f"{path}: {exc}") from exc
+        check_data_files(path.parent, manifest.data_files)
+        return manifest

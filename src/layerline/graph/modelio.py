@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import posixpath
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -31,6 +33,8 @@ __all__ = [
     "infer_types",
     "iter_tensors",
     "load_source",
+    "load_tensor_data",
+    "location_of",
     "node_tensor_bytes",
     "save_model_file",
     "spec_bytes",
@@ -119,14 +123,44 @@ def tensor_nbytes(tensor: onnx.TensorProto) -> int:
     return math.prod(tensor.dims) * itemsize
 
 
-def _load_tensor_data(tensor: onnx.TensorProto, base_dir: Path) -> None:
+def location_of(tensor: onnx.TensorProto) -> str:
+    """The ``location`` of a tensor stored as external data, normalised; raises SliceError when unsafe."""
+    location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+    norm = posixpath.normpath(location.replace("\\", "/")) if location else ""
+    if not norm or norm == "." or posixpath.isabs(norm) or norm == ".." or norm.startswith("../"):
+        raise SliceError(
+            f"tensor {tensor.name!r} keeps its data at location {location!r}, which is empty, absolute or "
+            "outside the model's directory; save the model with its data file next to it "
+            "(onnx.save(model, path, save_as_external_data=True, location='NAME.data'))"
+        )
+    return norm
+
+
+def load_tensor_data(tensor: onnx.TensorProto, base_dir: Path) -> None:
+    """Read an external tensor's bytes from ``base_dir`` into ``raw_data``.
+
+    Unlike onnx's loader, this accepts a data file with several hard links (``layerline.graph.extdata``).
+    """
+    location = location_of(tensor)
+    entries = {e.key: e.value for e in tensor.external_data}
+    path = base_dir / location
     try:
-        external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
+        offset = int(entries.get("offset") or 0)
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            length = int(entries["length"]) if entries.get("length") else size - offset
+            if offset < 0 or length < 0 or offset + length > size:
+                raise ValueError(f"bytes [{offset}, {offset + length}) lie outside the {size}-byte file")
+            f.seek(offset)
+            data = f.read(length)
     except (OSError, ValueError) as exc:
         raise SliceError(
-            f"cannot read the external data of tensor {tensor.name!r} from {base_dir} ({exc}); "
-            "keep the model's data files next to it, where its external_data locations point"
+            f"cannot read the external data of tensor {tensor.name!r} from {path} ({exc}); keep the "
+            "model's data files next to it, where its external_data locations point"
         ) from exc
+    tensor.raw_data = data
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.DEFAULT
 
 
 def _skeleton(model: onnx.ModelProto, base_dir: Path | None) -> onnx.ModelProto:
@@ -146,7 +180,7 @@ def _skeleton(model: onnx.ModelProto, base_dir: Path | None) -> onnx.ModelProto:
         if external_data_helper.uses_external_data(t):
             g.initializer.append(t)
             if base_dir is not None and tensor_nbytes(t) < _SKELETON_MIN_BYTES:
-                _load_tensor_data(g.initializer[-1], base_dir)  # shape vectors: inference reads them
+                load_tensor_data(g.initializer[-1], base_dir)  # shape vectors: inference reads them
             continue
         if t.ByteSize() < _SKELETON_MIN_BYTES:
             g.initializer.append(t)
@@ -219,11 +253,11 @@ def save_model_file(
             raise SliceError("a tensor refers to external data but the source directory is unknown")
         for tensor in iter_tensors(model.graph):
             if external_data_helper.uses_external_data(tensor):
-                _load_tensor_data(tensor, base_dir)
+                load_tensor_data(tensor, base_dir)
     data_name = path.stem + ".data"
     data_path = path.parent / data_name
-    if data_path.exists():
-        data_path.unlink()  # onnx appends to an existing data file
+    if data_path.is_symlink() or data_path.exists():
+        data_path.unlink()  # onnx appends to an existing data file (never write through a link)
     if external:
         onnx.save_model(
             model,

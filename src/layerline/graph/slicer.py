@@ -18,12 +18,18 @@ from layerline.errors import SliceError
 from layerline.graph.blocks import extract_block
 from layerline.graph.cost import ShapeOf, is_heavy, node_flops
 from layerline.graph.cuts import GRANULARITIES, choose_cuts
+from layerline.graph.extdata import (
+    external_locations,
+    relocate,
+    require_files,
+    share_data_files,
+    write_model,
+)
 from layerline.graph.liveness import GraphAnalysis, analyze_graph, live_sets
 from layerline.graph.manifest import MANIFEST_FILE, BlockInfo, Boundary, BoundaryTensor, Manifest
 from layerline.graph.modelio import (
     EXTERNAL_DATA_THRESHOLD,
     dtype_name,
-    has_external_data,
     infer_types,
     iter_tensors,
     load_source,
@@ -38,7 +44,7 @@ __all__ = ["block_file_name", "slice_model"]
 
 log = logging.getLogger(__name__)
 
-_OUTPUT_FILE = re.compile(r"^(block_\d{3,}\.(onnx|data)|manifest\.json(\.tmp)?)$")
+_OUTPUT_FILE = re.compile(r"^(block_\d{3,}\.(onnx|data)|source_\d{3,}\.data|manifest\.json(\.tmp)?)$")
 
 
 def block_file_name(index: int) -> str:
@@ -80,6 +86,24 @@ def _check_out_dir(out: Path, overwrite: bool) -> list[Path]:
             "refusing to overwrite it - choose an empty or new directory"
         )
     return entries
+
+
+def _check_source_files(
+    base_dir: Path | None, source: str | None, locations: list[str], stale: list[Path]
+) -> None:
+    """Before anything is deleted: the source's data files exist, and overwriting spares the source."""
+    if base_dir is None:
+        return
+    require_files(base_dir, locations)
+    if not stale:
+        return
+    doomed = {p.resolve() for p in stale}
+    mine = [base_dir / f for f in [source or "", *locations] if f and (base_dir / f).resolve() in doomed]
+    if mine:
+        raise SliceError(
+            f"{mine[0]} belongs to the model being sliced and would be deleted by overwriting its directory; "
+            "slice into another directory"
+        )
 
 
 def _inspect_cuts(
@@ -160,10 +184,14 @@ def slice_model(
     max_blocks: int | None = None,
     name: str | None = None,
     overwrite: bool = False,
+    copy_external_data: bool = False,
 ) -> Manifest:
     """Cut ``model`` into blocks, write ``block_NNN.onnx`` files and ``manifest.json`` to ``out_dir``.
 
-    See ``layerline.graph.cuts`` for the cut rule and ``docs/manifest.md`` for the output.
+    A model file whose weights are ONNX external data is sliced without copying them: ``out_dir`` gets a
+    hard link ``source_NNN.data`` to each of its data files, which the blocks reference (a copy where no
+    hard link can be made, or with ``copy_external_data``). See ``layerline.graph.cuts`` for the cut rule
+    and ``docs/manifest.md`` for the output.
     Raises SliceError when no valid cut exists, an option is bad, or ``out_dir`` is not usable.
     """
     _check_options(max_live_tensors, granularity, max_blocks)
@@ -199,10 +227,17 @@ def slice_model(
     )
 
     weights = sum(tensor_nbytes(t) for t in iter_tensors(graph))
-    external = has_external_data(proto) or weights > EXTERNAL_DATA_THRESHOLD
+    locations = external_locations(proto) if base_dir is not None else []
+    external = bool(locations) or weights > EXTERNAL_DATA_THRESHOLD
+    _check_source_files(base_dir, source, locations, stale)
     for path in stale:
         path.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    data_files, data_names = (
+        share_data_files(base_dir, locations, out, copy=copy_external_data)
+        if base_dir is not None and locations
+        else ((), {})
+    )
 
     in_specs = tuple(_io_spec(i, types.get(i), "input") for i in analysis.inputs)
     out_specs = tuple(_io_spec(o, types.get(o), "output") for o in analysis.outputs)
@@ -228,7 +263,12 @@ def slice_model(
             is_last=is_last,
         )
         file = block_file_name(k)
-        data_file = save_model_file(bg.model, out / file, external=external, base_dir=base_dir)
+        data_file = None
+        if data_names:  # reference the shared data files (small tensors are read in)
+            relocate(bg.model, data_names, base_dir)
+            write_model(bg.model, out / file)
+        else:
+            data_file = save_model_file(bg.model, out / file, external=external, base_dir=base_dir)
         boundaries.append(boundary(k + 1, analysis.outputs if is_last else live[b]))
         blocks.append(
             BlockInfo(
@@ -255,6 +295,7 @@ def slice_model(
         max_live_tensors=max_live_tensors,
         granularity=granularity,
         external_data=external,
+        data_files=data_files,
     )
     manifest.save(out)
     log.info("wrote %d blocks and %s to %s", len(blocks), MANIFEST_FILE, out)

@@ -12,10 +12,12 @@ import logging
 from pathlib import Path
 
 import onnx
+from onnx.external_data_helper import uses_external_data
 
-from layerline.errors import SliceError
+from layerline.errors import FormatError, SliceError
+from layerline.graph.extdata import external_locations, link_file, relocate, write_model
 from layerline.graph.manifest import Manifest
-from layerline.graph.modelio import EXTERNAL_DATA_THRESHOLD, save_model_file
+from layerline.graph.modelio import EXTERNAL_DATA_THRESHOLD, iter_tensors, load_tensor_data, save_model_file
 
 __all__ = ["build_stage_model", "stage_forward_names", "write_stage_model"]
 
@@ -44,7 +46,12 @@ def _merge(directory: Path, manifest: Manifest, start: int, stop: int, load_weig
         path = directory / info.file
         if not path.is_file():
             raise SliceError(f"block file {path} is missing; re-run `layerline slice` to rewrite {directory}")
-        blocks.append(onnx.load(str(path), load_external_data=load_weights))
+        block = onnx.load(str(path), load_external_data=False)
+        if load_weights:  # not onnx's loader: it refuses hard-linked data files (layerline.graph.extdata)
+            for tensor in iter_tensors(block.graph):
+                if uses_external_data(tensor):
+                    load_tensor_data(tensor, directory)
+        blocks.append(block)
     first = blocks[0]
     merged = onnx.ModelProto()
     merged.ir_version = first.ir_version
@@ -114,24 +121,78 @@ def build_stage_model(sliced_dir: str | Path, start: int, stop: int) -> onnx.Mod
     return _merge(directory, manifest, start, stop, load_weights=True)
 
 
+def _write_linked(merged: onnx.ModelProto, directory: Path, manifest: Manifest, target: Path) -> bool:
+    """Write ``merged`` referencing hard links ``<stem>.source_NNN.data`` next to ``target`` to the sliced
+    directory's data files (the files themselves when ``target`` is in that directory).
+
+    Returns False, leaving no link behind, when a hard link cannot be made (another filesystem).
+    """
+    used = external_locations(merged)
+    unknown = sorted(set(used) - {d.file for d in manifest.data_files})
+    if unknown:
+        raise FormatError(
+            f"a block of {directory} references external data {unknown[0]!r}, which its manifest does not "
+            "list; re-run `layerline slice` to rewrite the directory"
+        )
+    same_dir = target.parent.resolve() == directory.resolve()
+    names: dict[str, str] = {}
+    made: list[Path] = []
+    try:
+        for file in used:
+            if same_dir:
+                names[file] = file
+                continue
+            link = target.with_name(f"{target.stem}.{file}")
+            link_file(directory / file, link, allow_copy=False)
+            made.append(link)
+            names[file] = link.name
+    except OSError as exc:
+        for link in made:
+            link.unlink(missing_ok=True)
+        log.warning(
+            "cannot hard-link the data files of %s into %s (%s); copying the stage's weights instead",
+            directory,
+            target.parent,
+            exc,
+        )
+        return False
+    stale = target.with_name(target.stem + ".data")
+    if stale.is_symlink() or stale.exists():
+        stale.unlink()  # a copy from an earlier write of this stage
+    relocate(merged, names)
+    write_model(merged, target)
+    return True
+
+
 def write_stage_model(sliced_dir: str | Path, start: int, stop: int, path: str | Path) -> Path:
     """Write the stage model of blocks ``[start, stop)`` to ``path``; returns ``path``.
 
-    Weights shared by merged blocks are stored once. When the sliced model uses external data or the
-    stage's weights exceed ``EXTERNAL_DATA_THRESHOLD``, they go to ``<path stem>.data`` next to ``path``.
+    Weights shared by merged blocks are stored once. When the blocks reference the sliced directory's
+    shared data files (``Manifest.data_files``), the stage references hard links to them named
+    ``<path stem>.source_NNN.data`` next to ``path``: no weight is copied. Otherwise (or when no hard link
+    can be made there), when the sliced model uses external data or the stage's weights exceed
+    ``EXTERNAL_DATA_THRESHOLD``, they are written to ``<path stem>.data`` next to ``path``.
+    Raises FormatError when those data files changed or vanished since slicing.
     """
     directory = Path(sliced_dir)
     manifest = Manifest.load(directory)
     _check_range(manifest, start, stop)
     target = Path(path)
     own = {directory.resolve() / f for b in manifest.blocks for f in (b.file, b.data_file) if f}
+    own |= {directory.resolve() / d.file for d in manifest.data_files}
     data = target.with_name(target.stem + ".data")
-    if target.resolve() in own or data.resolve() in own:
+    links = [target.with_name(f"{target.stem}.{d.file}") for d in manifest.data_files]
+    if any(p.resolve() in own for p in [target, data, *links]):
         raise SliceError(f"{target} would overwrite a block file of {directory}; write the stage elsewhere")
     merged = _merge(directory, manifest, start, stop, load_weights=False)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if manifest.data_files and _write_linked(merged, directory, manifest, target):
+        log.info(
+            "wrote stage [%d, %d) of %s to %s (weights linked)", start, stop, manifest.model_name, target
+        )
+        return target
     weights = sum(b.weight_bytes for b in manifest.blocks[start:stop])
     external = manifest.external_data or weights > EXTERNAL_DATA_THRESHOLD
-    target.parent.mkdir(parents=True, exist_ok=True)
     save_model_file(merged, target, external=external, base_dir=directory)
     log.info("wrote stage [%d, %d) of %s to %s", start, stop, manifest.model_name, target)
     return target
