@@ -8,6 +8,7 @@ ready — or stops everything it started and raises with the failing process's o
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import logging
 import time
@@ -91,7 +92,7 @@ def _http_ready(url: str, timeout_s: float = 2.0) -> tuple[bool, str]:
         with contextlib.suppress(ValueError, AttributeError):
             body = json.loads(body).get("error", body)
         return False, body or f"HTTP {exc.code}"
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         return False, f"gateway not answering at {url} ({getattr(exc, 'reason', exc)})"
 
 

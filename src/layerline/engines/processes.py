@@ -44,7 +44,7 @@ def spawn(args: Sequence[str], log: Path, env: dict[str, str] | None = None) -> 
     """Start ``python -m ...`` style ``args`` in its own session, stdout and stderr to ``log``."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, *args],
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -52,6 +52,11 @@ def spawn(args: Sequence[str], log: Path, env: dict[str, str] | None = None) -> 
             start_new_session=True,
             env={**os.environ, **(env or {})},
         )
+    # Until exec completes, /proc/PID/cmdline is empty and is_running() would call the new process dead.
+    deadline = time.monotonic() + 5.0
+    while proc.poll() is None and MARKER not in _cmdline(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return proc
 
 
 def _cmdline(pid: int) -> str:

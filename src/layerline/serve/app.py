@@ -152,6 +152,10 @@ class _Readiness:
             self._value, self._at = value, time.monotonic()
             return value
 
+    def invalidate(self) -> None:
+        """Forget the cached answer: a request just found a stage unreachable, so probe again."""
+        self._value = None
+
 
 def _health_json(health: PipelineHealth) -> dict:
     return {
@@ -204,7 +208,11 @@ class _Gateway:
         try:
             result = await asyncio.wait_for(self.pipeline.infer(inputs, timeout), timeout + _DEADLINE_GRACE_S)
         except asyncio.TimeoutError:
+            self.readiness.invalidate()
             raise DeadlineExceeded(f"the request did not complete within {timeout} s") from None
+        except (StageUnavailable, DeadlineExceeded):
+            self.readiness.invalidate()
+            raise
         missing = [s.name for s in self.model.outputs if s.name not in result.outputs]
         if missing:
             raise StageFailed(
