@@ -126,5 +126,7 @@ async def open_pipeline(chain: LocalChain, **kwargs) -> DirectPipeline:
     )
     await pipe.start()
     report = await pipe.wait_ready(15.0)
-    assert report.ready, report
+    if not report.ready:
+        await pipe.close()  # frees the result port for the next test
+        raise AssertionError(f"the chain did not become ready: {report}")
     return pipe

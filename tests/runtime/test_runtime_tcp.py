@@ -10,21 +10,43 @@ import pytest
 from runtime_models import run
 
 from layerline.errors import ProtocolError, StageUnavailable
-from layerline.runtime.framing import Frame, Kind, StageStatus, encode
+from layerline.runtime.connection import FrameConnection, listen_socket, open_connection
+from layerline.runtime.framing import Frame, Kind, StageStatus, decode, encode
 from layerline.runtime.launch import free_ports
-from layerline.runtime.tcp import FrameConnection, TcpInbox, TcpOutbox, listen_socket, open_connection
-from layerline.runtime.transport import ConnectionClosed
+from layerline.runtime.tcp import TcpInbox, TcpOutbox
+from layerline.runtime.transport import ConnectionClosed, Inbox, Outbox
 
 
-async def connected_pair(max_frame_bytes: int = 1 << 30) -> tuple[FrameConnection, FrameConnection]:
+class Reader:
+    """Collects what a started FrameConnection delivers, for ``await read()``."""
+
+    def __init__(self, conn: FrameConnection) -> None:
+        self.conn = conn
+        self.frames: asyncio.Queue = asyncio.Queue()
+        conn.start(self.frames.put_nowait, self.frames.put_nowait)  # a close reason ends the stream
+
+    async def read(self):
+        item = await asyncio.wait_for(self.frames.get(), 10)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    async def write(self, frame: Frame) -> float:
+        return await self.conn.write(frame)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+async def connected_pair() -> tuple[Reader, Reader]:
     loop = asyncio.get_running_loop()
     lsock = listen_socket("127.0.0.1", 0)
     port = lsock.getsockname()[1]
     accept = asyncio.ensure_future(loop.sock_accept(lsock))
-    client = await open_connection("127.0.0.1", port, max_frame_bytes=max_frame_bytes)
+    client = await open_connection("127.0.0.1", port)
     sock, addr = await accept
     lsock.close()
-    return client, FrameConnection(sock, f"{addr[0]}:{addr[1]}", max_frame_bytes)
+    return Reader(client), Reader(FrameConnection(sock, f"{addr[0]}:{addr[1]}"))
 
 
 def test_frames_of_mixed_sizes_arrive_intact_in_order_both_ways():
@@ -56,13 +78,34 @@ def test_frames_of_mixed_sizes_arrive_intact_in_order_both_ways():
     run(main())
 
 
+def test_queued_writes_keep_their_order_and_a_cancelled_wait_does_not_cut_a_frame():
+    async def main():
+        a, b = await connected_pair()
+        big = np.arange(4_000_000, dtype=np.float32)
+        writes = [a.conn.send(Frame(Kind.DATA, i, {"t": big if i % 3 == 0 else big[:10]})) for i in range(9)]
+        writes[0].cancel()  # the caller gave up waiting: the frame is still written whole
+        assert a.conn.write_backlog > 0
+        for i in range(9):
+            got = await b.read()
+            assert got.frame.request_id == i and got.frame.tensors["t"][-1] == (big[-1] if i % 3 == 0 else 9)
+        for write in writes[1:]:
+            assert await write >= 0
+        assert a.conn.write_backlog == 0
+        a.close()
+        b.close()
+        with pytest.raises(ConnectionClosed):
+            await a.conn.send(Frame(Kind.DATA, 1))
+
+    run(main())
+
+
 def test_a_frame_dribbled_one_byte_at_a_time_is_reassembled():
     async def main():
         loop = asyncio.get_running_loop()
         lsock = listen_socket("127.0.0.1", 0)
         raw = socket.create_connection(lsock.getsockname())
         sock, _ = await loop.sock_accept(lsock)
-        conn = FrameConnection(sock, "dribbler")
+        conn = Reader(FrameConnection(sock, "dribbler"))
         data = b"".join(bytes(p) for p in encode(Frame(Kind.DATA, 5, {"x": np.arange(10.0)}, budget_ms=50.0)))
 
         async def dribble():
@@ -96,16 +139,37 @@ def test_a_peer_that_closes_mid_frame_or_sends_garbage_or_too_much_is_rejected()
         for data, error, message in cases:
             raw = socket.create_connection(lsock.getsockname())
             sock, _ = await loop.sock_accept(lsock)
-            conn = FrameConnection(sock, "peer", max_frame_bytes=4096)
+            conn = Reader(FrameConnection(sock, "peer", max_frame_bytes=4096))
             raw.sendall(data)
             raw.shutdown(socket.SHUT_WR)
             with pytest.raises(error, match=message):
-                await asyncio.wait_for(conn.read(), 5)
+                await conn.read()
             conn.close()
             raw.close()
         lsock.close()
 
     run(main())
+
+
+def test_a_peer_sending_garbage_is_told_why_before_it_is_dropped():
+    async def main():
+        loop = asyncio.get_running_loop()
+        inbox = TcpInbox("127.0.0.1", 0)
+        await inbox.start()
+        raw = socket.socket()
+        raw.setblocking(False)
+        await loop.sock_connect(raw, ("127.0.0.1", inbox.port))
+        await loop.sock_sendall(raw, b"GET / HTTP/1.1\r\nHost: example.org\r\n\r\n")
+        data = b""
+        while chunk := await asyncio.wait_for(loop.sock_recv(raw, 65536), 5):
+            data += chunk
+        raw.close()
+        await inbox.close()
+        return decode(data)
+
+    frame = run(main())
+    assert frame.kind is Kind.ERROR and frame.error.code == "protocol"
+    assert "bad frame magic" in frame.error.message
 
 
 def test_outbox_reports_link_changes_and_reconnects_when_the_peer_comes_back():
@@ -163,7 +227,7 @@ def test_a_full_inbox_stops_reading_and_pushes_back_on_the_sender():
     async def main():
         inbox = TcpInbox("127.0.0.1", 0, queue_size=1)
         await inbox.start()
-        conn = await open_connection("127.0.0.1", inbox.port)
+        conn = Reader(await open_connection("127.0.0.1", inbox.port))
         big = np.zeros(1 << 20, np.float32)  # 4 MB frames
         sent = 0
 
@@ -187,3 +251,8 @@ def test_a_full_inbox_stops_reading_and_pushes_back_on_the_sender():
             await inbox.receive()
 
     run(main())
+
+
+def test_the_tcp_transport_implements_the_stage_interface():
+    assert isinstance(TcpInbox("127.0.0.1", 0), Inbox)
+    assert isinstance(TcpOutbox("127.0.0.1", 9), Outbox)

@@ -21,7 +21,7 @@ WORKER = [sys.executable, "-m", "layerline.runtime.worker"]
 
 def test_config_round_trips_and_checks_its_version(tmp_path):
     config = WorkerConfig(
-        StageSpec(2, "m.onnx", ("a", "b"), 2, True), "0.0.0.0", 5002, "10.0.0.3", 5003, 4, 1 << 24, "s2"
+        StageSpec(2, "m.onnx", ("a", "b"), 2, True), "0.0.0.0", 5002, "10.0.0.3", 5003, 4, 1 << 24, "s2", 0.1
     )
     assert WorkerConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
     config.save(tmp_path / "w.json")
@@ -40,9 +40,11 @@ def test_worker_imports_neither_onnx_nor_aiohttp_nor_prometheus():
         "layerline.errors",
         "layerline.runtime",
         "layerline.runtime.api",
+        "layerline.runtime.connection",
         "layerline.runtime.framing",
         "layerline.runtime.inprocess",
         "layerline.runtime.session",
+        "layerline.runtime.stage_worker",
         "layerline.runtime.stagespec",
         "layerline.runtime.tcp",
         "layerline.runtime.transport",
@@ -83,7 +85,7 @@ def test_launcher_reports_a_worker_that_cannot_start(tmp_path):
 
 def test_worker_from_cli_flags_logs_its_startup_line_and_stops_on_sigterm(tmp_path):
     spec = identity_spec(tmp_path)
-    listen, downstream = free_ports(2)
+    (downstream,) = free_ports(1)
     ready = tmp_path / "ready.json"
     proc = subprocess.Popen(
         [
@@ -93,7 +95,7 @@ def test_worker_from_cli_flags_logs_its_startup_line_and_stops_on_sigterm(tmp_pa
             "--stage",
             "1",
             "--listen",
-            f"127.0.0.1:{listen}",
+            "127.0.0.1:0",
             "--downstream",
             f"127.0.0.1:{downstream}",
             "--ready-file",
@@ -107,7 +109,8 @@ def test_worker_from_cli_flags_logs_its_startup_line_and_stops_on_sigterm(tmp_pa
         while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         info = json.loads(ready.read_text())
-        assert info["port"] == listen and info["pid"] == proc.pid and info["stage"] == 1
+        listen = info["port"]
+        assert listen > 0 and info["pid"] == proc.pid and info["stage"] == 1
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=10)
     finally:

@@ -50,6 +50,7 @@ __all__ = [
     "decode_prefix",
     "encode",
     "frame_from_parts",
+    "wire_dtype",
 ]
 
 MAGIC = b"LLF1"
@@ -79,6 +80,11 @@ ALLOWED_DTYPES = frozenset(
     }
 )
 _MAX_RANK = 32
+# numpy's ``dtype.name`` is computed in Python on every access; look names and dtypes up instead.
+_NAMES: dict[np.dtype, str] = {np.dtype(n): n for n in ALLOWED_DTYPES}
+_DTYPES: dict[str, np.dtype] = {n: np.dtype(n) for n in ALLOWED_DTYPES}
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+_PADDING = bytes(64)
 _ERROR_CODES = frozenset({"compute", "bad_request", "unavailable", "deadline", "protocol"})
 
 
@@ -192,43 +198,59 @@ def _align(n: int) -> int:
     return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
 
 
-def _wire_array(name: str, value: Any) -> np.ndarray:
-    arr = np.asarray(value)
-    if arr.dtype.name not in ALLOWED_DTYPES:
-        raise ProtocolError(
-            f"tensor {name!r} has dtype {arr.dtype.name!r}, which frames cannot carry; "
-            f"convert it to one of {sorted(ALLOWED_DTYPES)}"
-        )
+def wire_dtype(dtype: np.dtype) -> str | None:
+    """The wire name of ``dtype`` (either byte order), or None when frames cannot carry it."""
+    name = _NAMES.get(dtype)
+    if name is None and dtype.byteorder == ">":
+        name = _NAMES.get(dtype.newbyteorder("<"))
+    return name
+
+
+def _wire_array(name: str, value: Any) -> tuple[np.ndarray, str]:
+    arr = value if type(value) is np.ndarray else np.asarray(value)
+    wire = _NAMES.get(arr.dtype)
+    if wire is None:
+        wire = wire_dtype(arr.dtype)
+        if wire is None:
+            raise ProtocolError(
+                f"tensor {name!r} has dtype {arr.dtype.name!r}, which frames cannot carry; "
+                f"convert it to one of {sorted(ALLOWED_DTYPES)}"
+            )
+        arr = arr.astype(_DTYPES[wire])  # big-endian → little-endian
     if arr.ndim > _MAX_RANK:
         raise ProtocolError(f"tensor {name!r} has rank {arr.ndim}; frames allow at most {_MAX_RANK}")
-    if arr.dtype.byteorder == ">":
-        arr = arr.astype(arr.dtype.newbyteorder("<"))
-    return arr if arr.flags.c_contiguous else np.array(arr, order="C")
+    return (arr if arr.flags.c_contiguous else np.array(arr, order="C")), wire
 
 
-def encode(frame: Frame, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> list[bytes | memoryview]:
-    """The frame as a list of buffers to write in order (the tensor data is not copied)."""
+def encode(
+    frame: Frame, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, budget_ms: float | None = None
+) -> list[bytes | memoryview]:
+    """The frame as a list of buffers to write in order (the tensor data is not copied).
+
+    ``budget_ms``, when given, replaces ``frame.budget_ms`` (the sender's remaining budget right now).
+    """
     if not 0 <= frame.request_id < 1 << 64:
         raise ProtocolError(f"request id {frame.request_id} does not fit in an unsigned 64-bit integer")
     descriptors: list[dict[str, Any]] = []
     parts: list[bytes | memoryview] = []
     offset = 0
     for name, value in frame.tensors.items():
-        arr = _wire_array(name, value)
+        arr, wire = _wire_array(name, value)
         start = _align(offset)
         if start > offset:
-            parts.append(bytes(start - offset))
-        if arr.nbytes:
+            parts.append(_PADDING[: start - offset])
+        nbytes = arr.nbytes
+        if nbytes:
             parts.append(memoryview(arr.reshape(-1).view(np.uint8)))
-        offset = start + arr.nbytes
-        descriptors.append(
-            {"name": name, "dtype": arr.dtype.name, "shape": list(arr.shape), "nbytes": arr.nbytes}
-        )
+        offset = start + nbytes
+        descriptors.append({"name": name, "dtype": wire, "shape": list(arr.shape), "nbytes": nbytes})
     meta: dict[str, Any] = {}
-    if frame.budget_ms is not None:
-        if not math.isfinite(frame.budget_ms):
-            raise ProtocolError(f"budget_ms must be finite, got {frame.budget_ms}")
-        meta["budget_ms"] = round(float(frame.budget_ms), 4)
+    if budget_ms is None:
+        budget_ms = frame.budget_ms
+    if budget_ms is not None:
+        if not math.isfinite(budget_ms):
+            raise ProtocolError(f"budget_ms must be finite, got {budget_ms}")
+        meta["budget_ms"] = round(float(budget_ms), 4)
     if descriptors:
         meta["tensors"] = descriptors
     if frame.trace:
@@ -237,7 +259,7 @@ def encode(frame: Frame, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> list
         meta["error"] = frame.error.to_json()
     if frame.statuses:
         meta["statuses"] = [s.to_json() for s in frame.statuses]
-    meta_bytes = json.dumps(meta, separators=(",", ":")).encode() if meta else b""
+    meta_bytes = _ENCODER.encode(meta).encode() if meta else b""
     if len(meta_bytes) > MAX_META_BYTES:
         raise ProtocolError(f"frame metadata is {len(meta_bytes)} bytes, over the {MAX_META_BYTES} limit")
     total = PREFIX_SIZE + len(meta_bytes) + offset
@@ -344,7 +366,7 @@ def _descriptor(data: Any, names: set[str]) -> tuple[str, np.dtype, tuple[int, .
     ):
         raise ProtocolError(f"tensor {name!r} has invalid shape {shape!r} (need a list of ints >= 0)")
     nbytes = _int(d, "nbytes", f"tensor {name!r}")
-    np_dtype = np.dtype(dtype)
+    np_dtype = _DTYPES[dtype]
     expected = math.prod(shape) * np_dtype.itemsize
     if nbytes != expected:
         raise ProtocolError(
@@ -393,11 +415,14 @@ def frame_from_parts(
     prefix: Prefix, meta: FrameMeta, payload: bytes | bytearray | memoryview | np.ndarray
 ) -> Frame:
     """Build the frame; its tensors are views into ``payload`` (no copy unless it is misaligned)."""
-    buf = payload if isinstance(payload, np.ndarray) else np.frombuffer(payload, dtype=np.uint8)
+    if isinstance(payload, np.ndarray):
+        buf = payload  # allocated by the reader: aligned
+    else:
+        buf = np.frombuffer(payload, dtype=np.uint8)
+        if buf.__array_interface__["data"][0] % 8:
+            buf = buf.copy()  # unaligned (a frame decoded from the middle of a buffer): align it once
     if buf.nbytes != prefix.payload_len:
         raise ProtocolError(f"frame payload is {buf.nbytes} bytes, its prefix says {prefix.payload_len}")
-    if buf.ctypes.data % 8:
-        buf = buf.copy()  # unaligned (a frame decoded from the middle of a buffer): align it once
     tensors = {}
     for name, dtype, shape, nbytes, start in meta.tensors:
         flat = buf[start : start + nbytes].view(dtype)

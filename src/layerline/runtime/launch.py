@@ -160,6 +160,7 @@ def start_local_chain(
     timeout_s: float = 30.0,
     workdir: str | Path | None = None,
     log_level: str = "INFO",
+    inline_below_ms: float = 0.0,
 ) -> LocalChain:
     """Start one worker process per stage and return when all listen (see the module docstring)."""
     if not specs:
@@ -177,6 +178,7 @@ def start_local_chain(
             downstream_port=downstream[i],
             queue_size=queue_size,
             max_frame_bytes=max_frame_bytes,
+            inline_below_ms=inline_below_ms,
         )
         for i, spec in enumerate(specs)
     ]

@@ -9,12 +9,15 @@ connection to stage 0 ``infer`` raises ``StageUnavailable`` at once; a stage tha
 downstream answers each new request with an ERROR frame at once. Requests already in flight when a stage
 reports a lost downstream link get ``lost_grace_s`` to come back (those past the broken link may still
 complete), then fail with ``StageUnavailable`` naming the stage; the deadline bounds everything.
+
+[Note: deadline margin] Stages get a budget slightly smaller than the caller's timeout (see
+``_budget_margin``), so that a stage that gives up (naming itself) is heard before the gateway's own timer
+fires with a less precise message.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -30,7 +33,6 @@ from layerline.errors import (
     ProtocolError,
     StageFailed,
     StageUnavailable,
-    TransportError,
 )
 from layerline.runtime.api import InferResult, PipelineHealth, StageHealth, StageTiming
 from layerline.runtime.framing import (
@@ -40,9 +42,10 @@ from layerline.runtime.framing import (
     Frame,
     Kind,
     StageStatus,
+    wire_dtype,
 )
 from layerline.runtime.tcp import TcpInbox, TcpOutbox
-from layerline.runtime.transport import ConnectionClosed, Received
+from layerline.runtime.transport import Received
 
 __all__ = ["DirectPipeline"]
 
@@ -60,6 +63,7 @@ _ERRORS: dict[str, type[InferenceError]] = {
 @dataclass(eq=False)
 class _Pending:
     future: asyncio.Future
+    write: asyncio.Future | None = None  # the request frame's write to stage 0
     note: str = ""  # what is known about why it may not come back
 
 
@@ -75,7 +79,9 @@ class DirectPipeline:
     """Sends requests to stage ``host:port`` and collects results on ``result_host:result_port``.
 
     ``stages``: how many stages the chain has (for health reports). ``max_in_flight``: requests sent and
-    not yet answered; more callers queue (their wait counts against their deadline).
+    not yet answered; more callers queue (their wait counts against their deadline). ``budget_margin_s``:
+    how much less than ``timeout_s`` the stages get (default: see ``_budget_margin``); raise it on slow or
+    congested links so that a stage's deadline ERROR, which names the stage, beats the gateway's timer.
     """
 
     def __init__(
@@ -90,6 +96,7 @@ class DirectPipeline:
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         lost_grace_s: float = 1.0,
         backoff_s: tuple[float, float] = (0.05, 1.0),
+        budget_margin_s: float | None = None,
     ) -> None:
         if stages < 1:
             raise ValueError(f"a pipeline needs at least one stage, got stages={stages}")
@@ -98,6 +105,7 @@ class DirectPipeline:
         self.stages = stages
         self.max_in_flight = max_in_flight
         self.lost_grace_s = lost_grace_s
+        self.budget_margin_s = budget_margin_s
         self._outbox = TcpOutbox(
             host,
             port,
@@ -110,16 +118,14 @@ class DirectPipeline:
             result_host,
             result_port,
             max_frame_bytes=max_frame_bytes,
-            queue_size=2 * max_in_flight + 16,
             name="gateway results",
+            handler=self._on_result,
         )
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._pings: dict[int, asyncio.Future] = {}
         self._broken: dict[int, str] = {}  # stage k → why stage k cannot reach its downstream
         self._slots = asyncio.Semaphore(max_in_flight)
-        self._orphans: set[asyncio.Task] = set()  # writes that outlived their request's deadline
-        self._consumer: asyncio.Task | None = None
         self._state = "new"
 
     @property
@@ -138,7 +144,6 @@ class DirectPipeline:
             raise RuntimeError(f"DirectPipeline.start() called on a pipeline that is {self._state}")
         await self._results.start()
         await self._outbox.start(self._on_backward, self._on_link)
-        self._consumer = asyncio.create_task(self._result_loop(), name="gateway-results")
         self._state = "started"
 
     async def wait_ready(self, timeout_s: float, probe_timeout_s: float = 1.0) -> PipelineHealth:
@@ -158,6 +163,9 @@ class DirectPipeline:
     def _stage_name(self, k: int) -> str:
         return "the gateway's result listener" if k >= self.stages else f"stage {k}"
 
+    def _not_connected(self) -> str:
+        return f"stage 0 at {self._outbox.peer} is not connected: {self._outbox.last_error}"
+
     # -- requests -------------------------------------------------------------------------------------------
 
     @staticmethod
@@ -165,7 +173,7 @@ class DirectPipeline:
         tensors = {}
         for name, value in inputs.items():
             arr = np.asarray(value)
-            if arr.dtype.name not in ALLOWED_DTYPES:
+            if wire_dtype(arr.dtype) is None:
                 raise BadRequest(
                     f"input {name!r} has dtype {arr.dtype.name!r}; send one of {sorted(ALLOWED_DTYPES)}"
                 )
@@ -179,65 +187,55 @@ class DirectPipeline:
         deadline = t0 + timeout_s
         tensors = self._wire_inputs(inputs)
         if not self._outbox.connected:
-            raise StageUnavailable(
-                f"stage 0 at {self._outbox.peer} is not connected: {self._outbox.last_error}"
-            )
-        try:
-            await asyncio.wait_for(self._slots.acquire(), max(0.0, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
-            raise DeadlineExceeded(
-                f"request waited {timeout_s:.3f} s at the gateway behind {self.max_in_flight} requests in "
-                "flight; raise max_in_flight or the timeout, or add capacity"
-            ) from None
-        rid = next(self._ids)
-        entry = _Pending(asyncio.get_running_loop().create_future())
-        self._pending[rid] = entry
-        try:
-            frame = Frame(Kind.DATA, rid, tensors)
+            raise StageUnavailable(self._not_connected())
+        if self._slots.locked():
             try:
-                sent = await self._send(frame, deadline - _budget_margin(timeout_s), deadline)
-            except ProtocolError as exc:
-                raise BadRequest(str(exc)) from exc
-            except (TransportError, StageUnavailable) as exc:
-                raise StageUnavailable(
-                    f"stage 0 at {self._outbox.peer} is not connected: {self._outbox.last_error}"
-                ) from exc
-            if not sent:
-                raise DeadlineExceeded(
-                    f"request {rid} could not even be sent to stage 0 within {timeout_s:.3f} s: the chain "
-                    "is not reading (back-pressure from a slow or stalled stage)"
-                )
-            try:
-                received = await asyncio.wait_for(entry.future, max(0.0, deadline - time.monotonic()))
+                await asyncio.wait_for(self._slots.acquire(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                where = entry.note or self._known_breaks() or "no stage reported a problem"
                 raise DeadlineExceeded(
-                    f"request {rid} got no result within {timeout_s:.3f} s ({where})"
+                    f"request waited {timeout_s:.3f} s at the gateway behind {self.max_in_flight} requests "
+                    "in flight; raise max_in_flight or the timeout, or add capacity"
                 ) from None
+        else:
+            await self._slots.acquire()  # a free slot: does not suspend
+        rid = next(self._ids)
+        loop = asyncio.get_running_loop()
+        entry = _Pending(loop.create_future())
+        self._pending[rid] = entry
+        timer = loop.call_at(deadline, self._expire, rid, entry, timeout_s)
+        try:
+            margin = _budget_margin(timeout_s) if self.budget_margin_s is None else self.budget_margin_s
+            entry.write = self._outbox.send(Frame(Kind.DATA, rid, tensors), deadline - margin)
+            if not entry.write.done() or entry.write.exception() is not None:  # usually written at once
+                entry.write.add_done_callback(lambda write: self._written(entry, write))
+            received = await entry.future
         finally:
+            timer.cancel()
             self._pending.pop(rid, None)
             self._slots.release()
         return self._result(received, t0)
 
-    async def _send(self, frame: Frame, budget_deadline: float, until: float) -> bool:
-        """Send ``frame`` to stage 0; False if the write has not finished by ``until``.
+    def _written(self, entry: _Pending, write: asyncio.Future) -> None:
+        error = None if write.cancelled() else write.exception()
+        if error is None or entry.future.done():
+            return
+        if isinstance(error, ProtocolError):  # e.g. over max_frame_bytes
+            entry.future.set_exception(BadRequest(str(error)))
+        else:
+            entry.future.set_exception(StageUnavailable(self._not_connected()))
 
-        A write is never cancelled half-way (that would break the stream for every request): one that
-        outlives its caller's deadline finishes in the background.
-        """
-        task = asyncio.ensure_future(self._outbox.send(frame, budget_deadline))
-        try:
-            await asyncio.wait_for(asyncio.shield(task), max(0.0, until - time.monotonic()))
-        except asyncio.TimeoutError:
-            self._orphans.add(task)
-            task.add_done_callback(self._orphan_done)
-            return False
-        return True
-
-    def _orphan_done(self, task: asyncio.Task) -> None:
-        self._orphans.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.debug("a late write to stage 0 failed: %s", task.exception())
+    def _expire(self, rid: int, entry: _Pending, timeout_s: float) -> None:
+        if entry.future.done():
+            return
+        if entry.write is not None and not entry.write.done():
+            message = (
+                f"request {rid} could not even be sent to stage 0 within {timeout_s:.3f} s: the chain is "
+                "not reading (back-pressure from a slow or stalled stage)"
+            )
+        else:
+            where = entry.note or self._known_breaks() or "no stage reported a problem"
+            message = f"request {rid} got no result within {timeout_s:.3f} s ({where})"
+        entry.future.set_exception(DeadlineExceeded(message))
 
     def _result(self, received: Received, t0: float) -> InferResult:
         trace = received.frame.trace
@@ -256,25 +254,20 @@ class DirectPipeline:
 
     # -- frames coming back ---------------------------------------------------------------------------------
 
-    async def _result_loop(self) -> None:
-        while True:
-            try:
-                received = await self._results.receive()
-            except ConnectionClosed:
-                return
-            frame = received.frame
-            if frame.kind is Kind.DATA:
-                entry = self._pending.get(frame.request_id)
-                if entry is not None and not entry.future.done():
-                    entry.future.set_result(received)
-                else:
-                    log.debug("discarding the late result of request %d", frame.request_id)
-            elif frame.kind is Kind.PING:
-                self._resolve_ping(received)
-            elif frame.kind is Kind.HELLO:
-                log.info("result link up from %s", frame.statuses[0].detail if frame.statuses else "?")
+    def _on_result(self, received: Received) -> None:
+        frame = received.frame
+        if frame.kind is Kind.DATA:
+            entry = self._pending.get(frame.request_id)
+            if entry is not None and not entry.future.done():
+                entry.future.set_result(received)
             else:
-                await self._on_backward(received)
+                log.debug("discarding the late result of request %d", frame.request_id)
+        elif frame.kind is Kind.PING:
+            self._resolve_ping(received)
+        elif frame.kind is Kind.HELLO:
+            log.info("result link up from %s", frame.statuses[0].detail if frame.statuses else "?")
+        else:
+            log.warning("ignoring a %s frame on the result listener", frame.kind.name)
 
     def _resolve_ping(self, received: Received) -> None:
         fut = self._pings.get(received.frame.request_id)
@@ -290,6 +283,8 @@ class DirectPipeline:
                 entry.future.set_exception(_ERRORS[error.code](error.message))
             elif frame.request_id in self._pings:
                 self._resolve_ping(received)
+            elif frame.request_id == 0:
+                log.warning("stage 0 rejected the connection: %s", error.message)
             else:
                 log.debug("discarding an error for finished request %d: %s", frame.request_id, error.message)
         elif frame.kind is Kind.PING:
@@ -305,7 +300,7 @@ class DirectPipeline:
     async def _on_link(self, up: bool, detail: str) -> None:
         self._broken.clear()  # stages re-report their state on a new connection
         if not up:
-            self._lost(f"the connection to stage 0 broke: {detail}")
+            self._lost(f"the connection to stage 0 broke ({detail})")
 
     def _lost(self, why: str) -> None:
         """Requests in flight now may be lost: give them ``lost_grace_s``, then fail them."""
@@ -324,13 +319,13 @@ class DirectPipeline:
                 )
             )
 
-    # -- health ---------------------------------------------------------------------------------------------
+    # -- health -------------------------------------------------------------------------------------------
 
     async def health(self, timeout_s: float) -> PipelineHealth:
         """Send a PING through the chain; ready when every stage appended a ready status in time."""
         self._check_started()
         if not self._outbox.connected:
-            why = f"stage 0 at {self._outbox.peer} is not connected: {self._outbox.last_error}"
+            why = self._not_connected()
             stages = tuple(
                 StageHealth(i, False, why if i == 0 else "not reached") for i in range(self.stages)
             )
@@ -340,10 +335,9 @@ class DirectPipeline:
         self._pings[rid] = fut
         received: Received | None = None
         try:
-            until = time.monotonic() + timeout_s
-            if await self._send(Frame(Kind.PING, rid), until, until):
-                received = await asyncio.wait_for(fut, max(0.0, until - time.monotonic()))
-        except (asyncio.TimeoutError, TransportError, StageUnavailable):
+            self._outbox.send(Frame(Kind.PING, rid), time.monotonic() + timeout_s)
+            received = await asyncio.wait_for(fut, timeout_s)
+        except asyncio.TimeoutError:
             pass
         finally:
             self._pings.pop(rid, None)
@@ -385,14 +379,8 @@ class DirectPipeline:
         if self._state == "closed":
             return
         self._state = "closed"
-        if self._consumer is not None:
-            self._consumer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._consumer
         await self._outbox.close()
         await self._results.close()
-        for task in list(self._orphans):
-            task.cancel()
         for entry in self._pending.values():
             if not entry.future.done():
                 entry.future.set_exception(StageUnavailable("the pipeline was closed"))

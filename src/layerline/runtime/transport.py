@@ -11,6 +11,7 @@ and reports what comes back from downstream and whether the link is up.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -89,11 +90,12 @@ class Outbox(Protocol):
 
     async def start(self, on_backward: BackwardHandler, on_link: LinkHandler) -> None: ...
 
-    async def send(self, frame: Frame, deadline: float | None = None) -> float:
-        """Send ``frame``; its budget is recomputed from ``deadline`` (monotonic) when the write starts.
+    def send(self, frame: Frame, deadline: float | None = None) -> asyncio.Future[float]:
+        """Queue ``frame``; its budget is recomputed from ``deadline`` (monotonic) when it goes out.
 
-        Returns the seconds spent writing. Raises ``StageUnavailable`` when the link is down and
-        ``TransportError`` when it breaks during the write (the frame may then be lost).
+        The future's result is the seconds spent writing. It fails with ``StageUnavailable`` when the
+        link is down and ``TransportError`` when it breaks before the frame is written. Cancelling the
+        future does not cancel the write (half a frame would break the stream for every request).
         """
         ...
 
