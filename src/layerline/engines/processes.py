@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -19,8 +20,27 @@ __all__ = ["free_port", "is_running", "port_in_use", "spawn", "stop_processes", 
 MARKER = "layerline"
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
+    """A TCP port that is free on ``host`` right now, chosen below the kernel's ephemeral range.
+
+    A port is picked here and bound later by another process. Ports from the ephemeral range (what
+    ``bind(0)`` returns) are also handed out to outgoing connections in between, and a worker then found
+    its port taken; listeners below that range do not collide with outgoing connections.
+    """
+    low, _ = _ephemeral_range()
+    if low > 12000:
+        for _ in range(200):
+            port = random.randint(10000, low - 1)
+            if not port_in_use(host, port):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
