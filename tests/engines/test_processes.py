@@ -31,20 +31,3 @@ def test_a_foreign_process_is_never_ours():
     finally:
         other.kill()
         other.wait()
-
-
-def test_port_in_use():
-    import socket
-
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        port = server.getsockname()[1]
-        assert processes.port_in_use("127.0.0.1", port)
-    assert not processes.port_in_use("127.0.0.1", port)
-
-
-def test_free_ports_avoid_the_ephemeral_range():
-    low, _ = processes._ephemeral_range()
-    ports = {processes.free_port() for _ in range(50)}
-    assert len(ports) > 40
-    if low > 12000:
-        assert all(10000 <= p < low for p in ports)

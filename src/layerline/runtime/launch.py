@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,24 +21,11 @@ from pathlib import Path
 
 from layerline.errors import EngineError
 from layerline.runtime.framing import DEFAULT_MAX_FRAME_BYTES
+from layerline.runtime.ports import free_ports
 from layerline.runtime.stagespec import StageSpec
 from layerline.runtime.worker import WorkerConfig
 
 __all__ = ["LocalChain", "free_ports", "start_local_chain"]
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct ports that were free a moment ago (held together while picking)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @dataclass
