@@ -45,6 +45,7 @@ def test_deploy_predict_status_down(tiny_vgg):
         roles = [p.role for p in status.processes]
         assert roles == ["stage0", "stage1", "stage2", "gateway"]
         assert all(p.running for p in status.processes)
+        assert [p.health for p in status.processes] == ["ready", "ready", "ready", "serving"]
         inputs = EXAMPLES["vgg16-tiny"].sample_inputs(2, np.random.default_rng(1))
         got = GatewayClient(state.url).infer(inputs)
         for name, expected in _monolithic(model, inputs).items():

@@ -253,4 +253,10 @@ def test_killed_middle_stage_fails_fast_and_readiness_says_503(vgg: tuple[Path, 
         health = json.loads(body)
         assert health["ready"] is False and health["detail"]
         assert len(health["stages"]) == 3 and not all(s["ready"] for s in health["stages"]), health
+        # `layerline status` (the engine's view) names the dead process and the unhealthy chain
+        status_now = engine.status(state.name)
+        assert not status_now.ready
+        by_role = {p.role: p for p in status_now.processes}
+        assert not by_role["stage1"].running
+        assert any(by_role[r].health != "ready" for r in ("stage0", "stage1", "stage2"))
     assert not any(processes.is_running(p.pid) for p in state.processes)

@@ -50,13 +50,14 @@ def print_status(status) -> None:
     ready = "[green]ready[/]" if status.ready else f"[red]not ready[/] ({status.detail})"
     console.print(f"[bold]{state.name}[/]  engine={state.engine}  {state.url}  {ready}")
     table = Table()
-    for col in ("process", "blocks", "device", "pid", "running", "log"):
+    for col in ("process", "blocks", "device", "pid", "running", "health", "log"):
         table.add_column(col)
     devices = {f"stage{s['index']}": s.get("device", "local") for s in state.stages}
     for p in status.processes:
         blocks = f"{p.blocks[0]}–{p.blocks[1] - 1}" if p.blocks else ""
         running = "[green]yes[/]" if p.running else "[red]no[/]"
-        table.add_row(p.role, blocks, devices.get(p.role, ""), str(p.pid), running, p.log)
+        health = "[green]ready[/]" if p.health in ("ready", "serving") else f"[red]{p.health}[/]"
+        table.add_row(p.role, blocks, devices.get(p.role, ""), str(p.pid), running, health, p.log)
     console.print(table)
 
 

@@ -7,7 +7,6 @@ ready — or stops everything it started and raises with the failing process's o
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import logging
@@ -15,7 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from layerline.engines import processes
@@ -57,6 +56,7 @@ class StageProcessStatus:
     running: bool
     blocks: tuple[int, int] | None
     log: str
+    health: str = ""
 
 
 @dataclass(frozen=True)
@@ -77,23 +77,45 @@ class DeploymentStatus:
             "sliced": self.state.sliced,
             "stages": list(self.state.stages),
             "processes": [
-                {"role": p.role, "pid": p.pid, "running": p.running, "blocks": p.blocks, "log": p.log}
+                {
+                    "role": p.role,
+                    "pid": p.pid,
+                    "running": p.running,
+                    "blocks": p.blocks,
+                    "health": p.health,
+                    "log": p.log,
+                }
                 for p in self.processes
             ],
         }
 
 
-def _http_ready(url: str, timeout_s: float = 2.0) -> tuple[bool, str]:
+@dataclass(frozen=True)
+class GatewayHealth:
+    """The gateway's readiness answer: overall, and per stage index (ready, detail)."""
+
+    ready: bool
+    detail: str
+    stages: dict[int, tuple[bool, str]]
+
+
+def _http_health(url: str, timeout_s: float = 2.0) -> GatewayHealth:
     try:
         with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=timeout_s) as resp:
-            return resp.status == 200, "ready"
+            status, body = resp.status, resp.read()
     except urllib.error.HTTPError as exc:
-        body = exc.read().decode(errors="replace")
-        with contextlib.suppress(ValueError, AttributeError):
-            body = json.loads(body).get("error", body)
-        return False, body or f"HTTP {exc.code}"
+        status, body = exc.code, exc.read()
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-        return False, f"gateway not answering at {url} ({getattr(exc, 'reason', exc)})"
+        return GatewayHealth(False, f"gateway not answering at {url} ({getattr(exc, 'reason', exc)})", {})
+    try:
+        doc = json.loads(body)
+        stages = {
+            int(s["stage"]): (bool(s["ready"]), str(s.get("detail", ""))) for s in doc.get("stages", [])
+        }
+        detail = str(doc.get("detail") or doc.get("error") or "")
+    except (ValueError, AttributeError, KeyError, TypeError):
+        stages, detail = {}, body.decode(errors="replace")[:200]
+    return GatewayHealth(status == 200, detail or ("ready" if status == 200 else f"HTTP {status}"), stages)
 
 
 class LocalEngine:
@@ -178,8 +200,9 @@ class LocalEngine:
                         f"{p.role} exited during start-up; its log ({p.log}) ends with:\n"
                         f"{processes.tail(Path(p.log)) or '(empty)'}"
                     )
-            ready, detail = _http_ready(state.url)
-            if ready:
+            health = _http_health(state.url)
+            detail = health.detail
+            if health.ready:
                 return
             time.sleep(0.1)
         raise EngineError(
@@ -202,8 +225,20 @@ class LocalEngine:
             for p in state.processes
         )
         gateway_up = any(p.role == "gateway" and p.running for p in procs)
-        ready, detail = _http_ready(state.url) if gateway_up else (False, "gateway process is not running")
-        return DeploymentStatus(state, procs, ready, detail)
+        if not gateway_up:
+            return DeploymentStatus(state, procs, False, "gateway process is not running")
+        health = _http_health(state.url)
+        procs = tuple(_with_health(p, health) for p in procs)
+        return DeploymentStatus(state, procs, health.ready, health.detail)
+
+
+def _with_health(proc: StageProcessStatus, health: GatewayHealth) -> StageProcessStatus:
+    """The process status with the gateway's view of that stage (the last health probe's answer)."""
+    if not proc.role.startswith("stage"):
+        return replace(proc, health="serving" if proc.running else "not running")
+    index = int(proc.role[len("stage") :])
+    ready, detail = health.stages.get(index, (False, "no answer in the health probe"))
+    return replace(proc, health="ready" if ready else (detail or "not ready"))
 
 
 def _remove_dir(path: Path) -> None:
