@@ -23,7 +23,7 @@ from layerline.errors import EngineError
 from layerline.runtime.framing import DEFAULT_MAX_FRAME_BYTES
 from layerline.runtime.ports import free_ports
 from layerline.runtime.stagespec import StageSpec
-from layerline.runtime.worker import WorkerConfig
+from layerline.runtime.worker import DEFAULT_INLINE_BELOW_MS, WorkerConfig
 
 __all__ = ["LocalChain", "free_ports", "start_local_chain"]
 
@@ -146,7 +146,7 @@ def start_local_chain(
     timeout_s: float = 30.0,
     workdir: str | Path | None = None,
     log_level: str = "INFO",
-    inline_below_ms: float = 0.0,
+    inline_below_ms: float = DEFAULT_INLINE_BELOW_MS,
 ) -> LocalChain:
     """Start one worker process per stage and return when all listen (see the module docstring)."""
     if not specs:

@@ -22,16 +22,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from layerline.errors import FormatError
+from layerline.errors import FormatError, TransportError
 from layerline.runtime.framing import DEFAULT_MAX_FRAME_BYTES, Frame, Kind, StageStatus
 from layerline.runtime.session import open_session
 from layerline.runtime.stage_worker import StageWorker
 from layerline.runtime.stagespec import StageSpec
 from layerline.runtime.tcp import TcpInbox, TcpOutbox
+from layerline.runtime.transport import Inbox, Outbox
 
 __all__ = ["StageWorker", "WorkerConfig", "main"]
 
 log = logging.getLogger(__name__)
+
+
+#: Stage runs shorter than this (ms, by the last runs' typical time) stay on the event-loop thread when
+#: nothing else is queued: the hand-off to the compute thread and back costs 60–80 µs, which kept a 16 KB hop
+#: at 0.34–0.41 ms against a 0.34 ms target; inline, 0.30 ms (docs/protocol.md). Longer runs always go
+#: to the compute thread, so receiving and sending overlap with compute.
+DEFAULT_INLINE_BELOW_MS = 0.2
 
 
 @dataclass(frozen=True)
@@ -46,7 +54,15 @@ class WorkerConfig:
     queue_size: int = 8
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     name: str = ""
-    inline_below_ms: float = 0.0
+    inline_below_ms: float = DEFAULT_INLINE_BELOW_MS
+    #: "tcp" (listen/downstream above) or "redis" (the fields below; see docs/redis.md).
+    transport: str = "tcp"
+    redis_url: str = ""
+    stream_prefix: str = "layerline"
+    stages: int = 0  # how many stages the deployment has (redis: the last one answers the gateway)
+    consumer: str = ""  # this replica's consumer name (default: hostname-pid)
+    claim_idle_ms: int = 5000
+    max_retries: int = 3
 
     format_version: ClassVar[int] = 1
 
@@ -60,13 +76,20 @@ class WorkerConfig:
             raise ValueError(f"inline_below_ms must be >= 0, got {self.inline_below_ms}")
         if self.max_frame_bytes < 1024:
             raise ValueError(f"max_frame_bytes must be >= 1024, got {self.max_frame_bytes}")
+        if self.transport not in ("tcp", "redis"):
+            raise ValueError(f"transport must be 'tcp' or 'redis', got {self.transport!r}")
+        if self.transport == "redis" and (not self.redis_url or self.stages <= self.stage.index):
+            raise ValueError(
+                f"the redis transport needs redis_url and stages > the stage index; got "
+                f"redis_url={self.redis_url!r}, stages={self.stages}, stage {self.stage.index}"
+            )
 
     @property
     def label(self) -> str:
         return self.name or f"stage {self.stage.index}"
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "format_version": self.format_version,
             "stage": self.stage.to_json(),
             "listen": {"host": self.listen_host, "port": self.listen_port},
@@ -76,6 +99,17 @@ class WorkerConfig:
             "name": self.name,
             "inline_below_ms": self.inline_below_ms,
         }
+        if self.transport != "tcp":
+            data["transport"] = self.transport
+            data["redis"] = {
+                "url": self.redis_url,
+                "prefix": self.stream_prefix,
+                "stages": self.stages,
+                "consumer": self.consumer,
+                "claim_idle_ms": self.claim_idle_ms,
+                "max_retries": self.max_retries,
+            }
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> WorkerConfig:
@@ -86,6 +120,7 @@ class WorkerConfig:
                 "regenerate the worker config with this version"
             )
         try:
+            redis = data.get("redis", {})
             return cls(
                 stage=StageSpec.from_json(data["stage"]),
                 listen_host=str(data["listen"]["host"]),
@@ -95,7 +130,14 @@ class WorkerConfig:
                 queue_size=int(data.get("queue_size", 8)),
                 max_frame_bytes=int(data.get("max_frame_bytes", DEFAULT_MAX_FRAME_BYTES)),
                 name=str(data.get("name", "")),
-                inline_below_ms=float(data.get("inline_below_ms", 0.0)),
+                inline_below_ms=float(data.get("inline_below_ms", DEFAULT_INLINE_BELOW_MS)),
+                transport=str(data.get("transport", "tcp")),
+                redis_url=str(redis.get("url", "")),
+                stream_prefix=str(redis.get("prefix", "layerline")),
+                stages=int(redis.get("stages", 0)),
+                consumer=str(redis.get("consumer", "")),
+                claim_idle_ms=int(redis.get("claim_idle_ms", 5000)),
+                max_retries=int(redis.get("max_retries", 3)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise FormatError(f"worker config is malformed ({exc!r}); regenerate it") from exc
@@ -116,8 +158,23 @@ def _describe(args: Any) -> str:
     return ", ".join(f"{a.name}[{a.type} {a.shape}]" for a in args)
 
 
-async def serve(config: WorkerConfig, session: Any, ready_file: str | None = None) -> None:
-    """Serve ``config`` over TCP until SIGTERM/SIGINT; writes ``ready_file`` once listening."""
+def _redis_transport(config: WorkerConfig) -> tuple[Inbox, Outbox]:
+    from layerline.runtime.redis_transport import RedisStageLink  # imports redis: only when used
+
+    link = RedisStageLink(
+        config.redis_url,
+        config.stage.index,
+        last=config.stage.index == config.stages - 1,
+        prefix=config.stream_prefix,
+        consumer=config.consumer,
+        claim_idle_ms=config.claim_idle_ms,
+        max_retries=config.max_retries,
+        max_frame_bytes=config.max_frame_bytes,
+    )
+    return link.inbox, link.outbox
+
+
+def _tcp_transport(config: WorkerConfig) -> tuple[TcpInbox, TcpOutbox]:
     hello = Frame(Kind.HELLO, 0, statuses=(StageStatus(config.stage.index, True, config.label),))
     inbox = TcpInbox(
         config.listen_host,
@@ -133,6 +190,13 @@ async def serve(config: WorkerConfig, session: Any, ready_file: str | None = Non
         hello=hello,
         name=f"{config.label} downstream",
     )
+    return inbox, outbox
+
+
+async def serve(config: WorkerConfig, session: Any, ready_file: str | None = None) -> None:
+    """Serve ``config`` until SIGTERM/SIGINT; writes ``ready_file`` once listening (or consuming)."""
+    inbox, outbox = _redis_transport(config) if config.transport == "redis" else _tcp_transport(config)
+    port = 0
     worker = StageWorker(
         config.stage,
         session,
@@ -146,11 +210,12 @@ async def serve(config: WorkerConfig, session: Any, ready_file: str | None = Non
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
     await worker.start()
+    if isinstance(inbox, TcpInbox):
+        port = inbox.port
     log.info(
-        "stage %d listening on %s:%d; model %s; inputs %s; outputs %s; forward %s; downstream %s",
+        "stage %d %s; model %s; inputs %s; outputs %s; forward %s; downstream %s",
         config.stage.index,
-        config.listen_host,
-        inbox.port,
+        f"listening on {config.listen_host}:{port}" if config.transport == "tcp" else "consuming from Redis",
         config.stage.model_path,
         _describe(session.get_inputs()),
         _describe(session.get_outputs()),
@@ -162,7 +227,7 @@ async def serve(config: WorkerConfig, session: Any, ready_file: str | None = Non
         info = {
             "stage": config.stage.index,
             "host": config.listen_host,
-            "port": inbox.port,
+            "port": port,
             "pid": os.getpid(),
         }
         Path(tmp).write_text(json.dumps(info))
@@ -194,18 +259,22 @@ def _parse(argv: list[str] | None) -> tuple[WorkerConfig, argparse.Namespace]:
     p.add_argument(
         "--inline-below-ms",
         type=float,
-        default=0.0,
+        default=DEFAULT_INLINE_BELOW_MS,
         help="run the model on the event-loop thread while its runs take less than this (0: never)",
     )
+    p.add_argument("--transport", choices=("tcp", "redis"), default="tcp")
+    p.add_argument("--redis-url", default="", help="redis://HOST:PORT/DB (with --transport redis)")
+    p.add_argument("--stream-prefix", default="layerline", help="key prefix of the deployment's streams")
+    p.add_argument("--stages", type=int, default=0, help="stages in the deployment (redis transport)")
     p.add_argument("--ready-file", help="write {stage, host, port, pid} JSON here once listening")
     p.add_argument("--log-level", default=os.environ.get("LAYERLINE_LOG_LEVEL", "INFO"))
     args = p.parse_args(argv)
     if args.config:
         return WorkerConfig.load(args.config), args
-    if not args.model or not args.downstream:
-        p.error("give --config, or --model and --downstream")
+    if not args.model or (not args.downstream and args.transport == "tcp"):
+        p.error("give --config, or --model and --downstream (or --transport redis)")
     listen_host, listen_port = _host_port(args.listen)
-    down_host, down_port = _host_port(args.downstream)
+    down_host, down_port = _host_port(args.downstream or "127.0.0.1:0")
     forward = tuple(n for n in args.forward.split(",") if n)
     spec = StageSpec(args.stage, args.model, forward, args.threads, args.exact)
     config = WorkerConfig(
@@ -218,6 +287,10 @@ def _parse(argv: list[str] | None) -> tuple[WorkerConfig, argparse.Namespace]:
         args.max_frame_bytes,
         args.name,
         args.inline_below_ms,
+        transport=args.transport,
+        redis_url=args.redis_url,
+        stream_prefix=args.stream_prefix,
+        stages=args.stages,
     )
     return config, args
 
@@ -261,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     _release_load_memory()
     try:
         asyncio.run(serve(config, session, args.ready_file))
-    except OSError as exc:  # e.g. the port is taken
+    except (OSError, TransportError) as exc:  # e.g. the port is taken, Redis is not reachable
         print(f"layerline worker: {config.label}: {exc}", file=sys.stderr)
         return 1
     return 0
