@@ -32,6 +32,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exact", action="store_true", help="no graph optimisations: bit-exact vs monolithic")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness (120)")
     p.add_argument("--request-timeout", type=float, default=30.0, help="deadline per request, s (30)")
+    p.add_argument(
+        "--transport",
+        choices=("tcp", "redis"),
+        default="tcp",
+        help="connect stages directly (tcp) or through Redis Streams (redis)",
+    )
+    p.add_argument(
+        "--redis-url",
+        default="auto",
+        help="with --transport redis: redis://HOST:PORT/DB, or auto to start a private redis-server (auto)",
+    )
     p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body, MB (64)")
     p.set_defaults(func=run)
 
@@ -56,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         ready_timeout_s=args.timeout,
         request_timeout_s=args.request_timeout,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        transport=args.transport,
+        redis_url=args.redis_url,
     )
     engine = LocalEngine()
     with console.status("deploying ...") as spinner:

@@ -28,7 +28,10 @@ def write_deployment_files(target: DeployTarget, settings: Any, workdir: Path) -
     """Write stage ``i``'s merged graph and worker config, and the gateway's config, under ``workdir``.
 
     Workers listen on free loopback ports; the last one sends its results to the gateway's result port.
+    With ``settings.transport == "redis"`` they consume from Redis at ``settings.redis_url`` instead
+    (streams prefixed with the deployment's name) and the gateway talks to Redis only.
     """
+    redis = getattr(settings, "transport", "tcp") == "redis"
     from layerline.graph import Manifest, stage_forward_names, write_stage_model
     from layerline.runtime.stagespec import StageSpec
     from layerline.runtime.worker import WorkerConfig
@@ -67,6 +70,16 @@ def write_deployment_files(target: DeployTarget, settings: Any, workdir: Path) -
             downstream_port=downstream,
             queue_size=settings.queue_size,
             name=f"{settings.name}/stage{i}",
+            **(
+                {
+                    "transport": "redis",
+                    "redis_url": settings.redis_url,
+                    "stream_prefix": settings.name,
+                    "stages": len(target.ranges),
+                }
+                if redis
+                else {}
+            ),
         )
         path = stage_dir / f"stage{i}.json"
         config.save(path)
@@ -90,6 +103,13 @@ def write_deployment_files(target: DeployTarget, settings: Any, workdir: Path) -
             "result_port": result_port,
         },
     }
+    if redis:
+        gateway["pipeline"] = {
+            "transport": "redis",
+            "redis_url": settings.redis_url,
+            "prefix": settings.name,
+            "stages": len(ports),
+        }
     gateway_path = workdir / "gateway.json"
     gateway_path.write_text(json.dumps(gateway, indent=2))
     return DeploymentFiles(tuple(configs), tuple(ports), gateway_path)

@@ -32,7 +32,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s gateway %(name)s: %(message)s"
     )
-    from layerline.runtime.pipeline import DirectPipeline
     from layerline.serve.app import GatewaySettings, run_gateway
     from layerline.serve.model_info import ModelInfo
 
@@ -41,6 +40,16 @@ def main(argv: list[str] | None = None) -> int:
         model = ModelInfo.from_json(config["model"])
         settings = GatewaySettings(**config["settings"])
         p = config["pipeline"]
+        if p.get("transport") == "redis":
+            from layerline.runtime.redis_pipeline import RedisPipeline
+
+            pipeline = RedisPipeline(
+                p["redis_url"], stages=p["stages"], prefix=p["prefix"], max_in_flight=settings.max_in_flight
+            )
+            run_gateway(pipeline, model, settings)
+            return 0
+        from layerline.runtime.pipeline import DirectPipeline
+
         pipeline = DirectPipeline(
             p["host"],
             p["port"],

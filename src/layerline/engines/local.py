@@ -47,6 +47,10 @@ class DeploySettings:
     request_timeout_s: float = 30.0
     max_body_bytes: int = 64 * 1024 * 1024
     queue_size: int = 8
+    #: "tcp" (stages chained directly) or "redis" (through Redis Streams; see docs/redis.md).
+    transport: str = "tcp"
+    #: with transport "redis": "auto" starts a private redis-server for the deployment, else a redis:// URL.
+    redis_url: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,8 @@ class LocalEngine:
         workdir.mkdir(parents=True, exist_ok=True)
         started: list[ProcessRecord] = []
         try:
+            if settings.transport == "redis" and settings.redis_url == "auto":
+                settings = self._start_redis(settings, workdir, started, progress)
             progress(f"writing {len(target.ranges)} stage models")
             files = write_deployment_files(target, settings, workdir)
             for i, cfg in enumerate(files.worker_configs):
@@ -160,7 +166,12 @@ class LocalEngine:
                 ),
                 processes=tuple(started),
                 started_at=time.time(),
-                extra={"threads": settings.threads, "exact": settings.exact},
+                extra={
+                    "threads": settings.threads,
+                    "exact": settings.exact,
+                    "transport": settings.transport,
+                    **({"redis_url": settings.redis_url} if settings.transport == "redis" else {}),
+                },
             )
             save_state(state)
             progress("waiting for every stage to connect")
@@ -170,6 +181,21 @@ class LocalEngine:
             processes.stop_processes([p.pid for p in started], timeout_s=3.0)
             _remove_dir(workdir)
             raise
+
+    @staticmethod
+    def _start_redis(
+        settings: DeploySettings, workdir: Path, started: list[ProcessRecord], progress: Callable[[str], None]
+    ) -> DeploySettings:
+        """Start a private redis-server for this deployment (no persistence); its URL in the settings."""
+        import dataclasses
+
+        from layerline.runtime.redis_server import start_redis_server
+
+        progress("starting redis-server")
+        port = processes.free_port()
+        server = start_redis_server(port, workdir / "redis", new_session=True)
+        started.append(ProcessRecord("redis", server.pid, str(workdir / "redis" / "redis.log"), port))
+        return dataclasses.replace(settings, redis_url=server.url)
 
     def _refuse_conflicts(self, settings: DeploySettings) -> None:
         if settings.name in list_deployments():
