@@ -11,7 +11,17 @@ import sys
 from collections.abc import Sequence
 
 from layerline import __version__
-from layerline.cli import deploy_cmd, examples_cmd, predict_cmd, quickstart_cmd, slice_cmd, status_cmd
+from layerline.cli import (
+    benchmark_cmd,
+    configure_cmd,
+    deploy_cmd,
+    examples_cmd,
+    predict_cmd,
+    quickstart_cmd,
+    slice_cmd,
+    status_cmd,
+    testbed_cmd,
+)
 from layerline.cli.output import console_err
 from layerline.errors import LayerlineError
 
@@ -29,7 +39,17 @@ workflow:
   layerline quickstart                            all of the above on an example, with a correctness check
 """
 
-COMMANDS = (quickstart_cmd, examples_cmd, slice_cmd, deploy_cmd, predict_cmd, status_cmd)
+COMMANDS = (
+    quickstart_cmd,
+    examples_cmd,
+    slice_cmd,
+    deploy_cmd,
+    predict_cmd,
+    status_cmd,
+    benchmark_cmd,
+    configure_cmd,
+    testbed_cmd,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

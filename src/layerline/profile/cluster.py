@@ -1,0 +1,168 @@
+"""The cluster description: which devices to profile and deploy on (``--cluster cluster.yaml``).
+
+See ``docs/profile.md`` for the YAML layout. Without a file, :func:`default_cluster` is one device,
+``local``: this machine, no CPU quota.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from layerline.errors import FormatError
+
+__all__ = ["ENGINES", "Cluster", "DeviceSpec", "default_cluster", "load_cluster", "parse_cluster"]
+
+ENGINES = ("local",)
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_DEVICE_KEYS = {"name", "engine", "address", "labels", "cpu_quota", "memory_bytes"}
+_FIX = "see docs/profile.md for the cluster file layout"
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One device: where its agent runs and the limits it has.
+
+    ``cpu_quota``: fraction of one core (0.5 = half a core), None = unlimited. ``memory_bytes``: memory
+    budget override, None = use the measured available memory.
+    """
+
+    name: str
+    engine: str = "local"
+    address: str = "127.0.0.1"
+    labels: Mapping[str, str] = field(default_factory=dict)
+    cpu_quota: float | None = None
+    memory_bytes: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "engine": self.engine,
+            "address": self.address,
+            "labels": dict(self.labels),
+            "cpu_quota": self.cpu_quota,
+            "memory_bytes": self.memory_bytes,
+        }
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """An ordered set of devices with unique names."""
+
+    devices: tuple[DeviceSpec, ...]
+
+    def device(self, name: str) -> DeviceSpec:
+        for d in self.devices:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(d.name for d in self.devices)
+
+
+def default_cluster() -> Cluster:
+    """One device, ``local``: this machine with no quota."""
+    return Cluster((DeviceSpec("local"),))
+
+
+def _where(node: Any, source: str) -> str:
+    mark = getattr(node, "start_mark", None)
+    return f"{source}:{mark.line + 1}" if mark is not None else source
+
+
+def _device(raw: Any, node: Any, index: int, source: str) -> DeviceSpec:
+    at = _where(node, source)
+    if not isinstance(raw, dict):
+        raise FormatError(f"{at}: device #{index + 1} must be a mapping with at least 'name'; {_FIX}")
+    unknown = sorted(set(raw) - _DEVICE_KEYS)
+    if unknown:
+        raise FormatError(
+            f"{at}: device #{index + 1} has unknown key(s) {unknown}; allowed: {sorted(_DEVICE_KEYS)}"
+        )
+    name = raw.get("name")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise FormatError(f"{at}: device name {name!r} must be a non-empty string of [A-Za-z0-9_.-]")
+    engine = raw.get("engine", "local")
+    if engine not in ENGINES:
+        raise FormatError(f"{at}: device {name!r} has engine {engine!r}; supported engines: {list(ENGINES)}")
+    address = raw.get("address", "127.0.0.1")
+    if not isinstance(address, str) or not address:
+        raise FormatError(f"{at}: device {name!r} address must be a host name or IP, got {address!r}")
+    if engine == "local" and address not in ("127.0.0.1", "localhost"):
+        raise FormatError(
+            f"{at}: device {name!r} uses the local engine, whose agents listen on 127.0.0.1, "
+            f"but its address is {address!r}; remove 'address' or set it to 127.0.0.1"
+        )
+    labels = raw.get("labels") or {}
+    if not isinstance(labels, dict):
+        raise FormatError(f"{at}: device {name!r} labels must be a mapping, got {labels!r}")
+    quota = raw.get("cpu_quota")
+    if quota is not None and (
+        isinstance(quota, bool)
+        or not isinstance(quota, int | float)
+        or not math.isfinite(quota)
+        or quota <= 0
+    ):
+        raise FormatError(
+            f"{at}: device {name!r} cpu_quota must be a positive number of cores (0.5 = half a core) "
+            f"or null, got {quota!r}"
+        )
+    mem = raw.get("memory_bytes")
+    if mem is not None and (isinstance(mem, bool) or not isinstance(mem, int) or mem <= 0):
+        raise FormatError(
+            f"{at}: device {name!r} memory_bytes must be a positive integer or null, got {mem!r}"
+        )
+    return DeviceSpec(
+        name=name,
+        engine=engine,
+        address="127.0.0.1" if engine == "local" else address,
+        labels={str(k): str(v) for k, v in labels.items()},
+        cpu_quota=None if quota is None else float(quota),
+        memory_bytes=mem,
+    )
+
+
+def parse_cluster(text: str, source: str = "<cluster>") -> Cluster:
+    """Parse cluster YAML; FormatError naming ``source`` and the line of the problem."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"{source}:{mark.line + 1}" if mark is not None else source
+        raise FormatError(f"{at}: not valid YAML ({getattr(exc, 'problem', exc)}); {_FIX}") from None
+    if not isinstance(data, dict) or "devices" not in data:
+        raise FormatError(f"{source}: a cluster file is a mapping with a 'devices' list; {_FIX}")
+    unknown = sorted(set(data) - {"devices"})
+    if unknown:
+        raise FormatError(f"{source}: unknown top-level key(s) {unknown}; only 'devices' is allowed")
+    raw_devices = data["devices"]
+    dev_node = next((v for k, v in node.value if k.value == "devices"), None)
+    if not isinstance(raw_devices, list) or not raw_devices:
+        raise FormatError(f"{_where(dev_node, source)}: 'devices' must be a non-empty list; {_FIX}")
+    nodes = dev_node.value if dev_node is not None else [None] * len(raw_devices)
+    devices = [_device(raw, n, i, source) for i, (raw, n) in enumerate(zip(raw_devices, nodes, strict=True))]
+    seen: set[str] = set()
+    for d, n in zip(devices, nodes, strict=True):
+        if d.name in seen:
+            raise FormatError(f"{_where(n, source)}: device name {d.name!r} appears twice; names are unique")
+        seen.add(d.name)
+    return Cluster(tuple(devices))
+
+
+def load_cluster(path: str | Path) -> Cluster:
+    """Read a cluster YAML file (FormatError naming the file and line on a problem)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise FormatError(f"cannot read cluster file {p}: {exc.strerror or exc}; {_FIX}") from None
+    return parse_cluster(text, str(p))
