@@ -54,7 +54,12 @@ def print_status(status) -> None:
         table.add_column(col)
     devices = {f"stage{s['index']}": s.get("device", "local") for s in state.stages}
     for p in status.processes:
-        blocks = f"{p.blocks[0]}–{p.blocks[1] - 1}" if p.blocks else ""
+        if not p.blocks:
+            blocks = ""
+        elif p.blocks[1] - p.blocks[0] == 1:
+            blocks = str(p.blocks[0])
+        else:
+            blocks = f"{p.blocks[0]}–{p.blocks[1] - 1}"
         running = "[green]yes[/]" if p.running else "[red]no[/]"
         health = "[green]ready[/]" if p.health in ("ready", "serving") else f"[red]{p.health}[/]"
         table.add_row(p.role, blocks, devices.get(p.role, ""), str(p.pid), running, health, p.log)
