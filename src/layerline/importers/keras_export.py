@@ -8,8 +8,6 @@ import os
 import sys
 import tempfile
 import time
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import onnx
 
 from layerline.errors import ModelImportError
 from layerline.importers._onnxio import check_model, name_batch_dim, rename_tensor, save_model, set_metadata
+from layerline.importers._quiet import quiet_loggers
 from layerline.importers._verify import compare_outputs, run_onnx
 
 __all__ = ["KERAS_SUFFIXES", "from_keras", "import_keras"]
@@ -55,20 +54,8 @@ def import_keras() -> Any:
     return keras
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    names = ("torch.onnx", "absl", "onnxscript", "onnx_ir")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+def _quiet() -> contextlib.AbstractContextManager[None]:
+    return quiet_loggers("torch.onnx", "absl", "onnxscript", "onnx_ir")
 
 
 def _load(keras: Any, source: str | os.PathLike[str]) -> Any:

@@ -7,8 +7,7 @@ import inspect
 import logging
 import tempfile
 import time
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import onnx
 
 from layerline.errors import ModelImportError
 from layerline.importers._onnxio import check_model, name_batch_dim, save_model, set_metadata
+from layerline.importers._quiet import quiet_loggers
 from layerline.importers._verify import compare_outputs, run_onnx
 
 __all__ = ["EXPORTERS", "from_torch", "import_torch"]
@@ -40,20 +40,8 @@ def import_torch() -> Any:
     return torch
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence the exporters' chatter (tracer warnings, "torchvision is not installed"...)."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript", "onnx_ir")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+def _quiet() -> contextlib.AbstractContextManager[None]:
+    return quiet_loggers("torch.onnx", "torch.export", "onnxscript", "onnx_ir")
 
 
 def _as_tensors(torch: Any, example_inputs: Any) -> tuple[Any, ...]:
