@@ -1,7 +1,8 @@
 """The HTTP gateway: an aiohttp app that runs requests through a :class:`~layerline.runtime.api.Pipeline`.
 
 Endpoints (see ``docs/http-api.md``): ``POST /input`` (.npy/.npz in and out), the Open Inference Protocol v2
-REST endpoints under ``/v2`` (JSON and the binary tensor data extension), and ``GET /metrics``.
+REST endpoints under ``/v2`` (JSON and the binary tensor data extension), asynchronous requests under
+``/v1/requests`` (:mod:`layerline.serve.async_api`) and ``GET /metrics``.
 
 [Note: request accounting] Only the inference endpoints (``/input`` and ``.../infer``) are counted in
 ``layerline_requests_total`` and the in-flight limit; health and metadata probes would drown the counts.
@@ -34,17 +35,15 @@ from layerline.errors import (
     StageUnavailable,
 )
 from layerline.runtime.api import InferResult, Pipeline, PipelineHealth
+from layerline.serve.async_api import AsyncRequests
+from layerline.serve.jobs import StoreFull
 from layerline.serve.metrics import CONTENT_TYPE, GatewayMetrics
 from layerline.serve.model_info import ModelInfo
 from layerline.serve.oip import HEADER_LENGTH, encode_infer_response, parse_infer_request
 from layerline.serve.validation import (
-    NPY_MAGIC,
-    NPZ_MAGIC,
     PayloadTooLarge,
     check_inputs,
-    decode_npy,
-    decode_npz,
-    describe_inputs,
+    decode_input_body,
     encode_npy,
     encode_npz,
 )
@@ -72,6 +71,9 @@ class GatewaySettings:
 
     ``health_timeout_s`` bounds one readiness probe of the pipeline; its answer is reused for
     ``health_cache_s`` so that a flood of ``/v2/health/ready`` calls does not flood the stage chain.
+    The ``async_*`` fields bound the store of ``/v1/requests`` (see :mod:`layerline.serve.jobs`): requests
+    queued or running, how many run at once, how long finished ones are kept, and the bytes of inputs and
+    results held.
     """
 
     host: str = "127.0.0.1"
@@ -81,6 +83,10 @@ class GatewaySettings:
     health_timeout_s: float = 2.0
     health_cache_s: float = 0.5
     max_in_flight: int = 64
+    async_max_pending: int = 256
+    async_concurrency: int = 8
+    async_result_ttl_s: float = 600.0
+    async_max_bytes: int = 512 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -92,8 +98,11 @@ class GatewaySettings:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.health_cache_s < 0:
             raise ValueError(f"health_cache_s must be >= 0, got {self.health_cache_s}")
-        if self.max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
+        for name in ("max_in_flight", "async_max_pending", "async_concurrency", "async_max_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.async_result_ttl_s > 0:
+            raise ValueError(f"async_result_ttl_s must be > 0, got {self.async_result_ttl_s}")
 
 
 class ModelNotFound(BadRequest):
@@ -113,6 +122,7 @@ def outcome_of(exc: BaseException) -> str:
         (ModelNotFound, "not_found"),
         (BadRequest, "bad_request"),
         (Overloaded, "overloaded"),
+        (StoreFull, "overloaded"),
         (StageUnavailable, "unavailable"),
         (DeadlineExceeded, "deadline"),
         (StageFailed, "stage_failed"),
@@ -173,6 +183,7 @@ class _Gateway:
         self.metrics = GatewayMetrics()
         self.readiness = _Readiness(pipeline, settings.health_timeout_s, settings.health_cache_s)
         self.in_flight = 0
+        self.async_requests = AsyncRequests(self)
 
     # -- plumbing ------------------------------------------------------------------------------------
 
@@ -249,6 +260,8 @@ class _Gateway:
             response = _error(exc.http_status, str(exc))
             if isinstance(exc, PayloadTooLarge):
                 response.force_close()
+            if isinstance(exc, Overloaded | StoreFull):
+                response.headers["Retry-After"] = "1"
         except Exception as exc:
             log.exception("%s %s failed in the gateway", request.method, request.path)
             outcome = "error"
@@ -270,22 +283,7 @@ class _Gateway:
 
     async def _input(self, request: web.Request) -> web.Response:
         body = await self.read_body(request)
-        if body.startswith(NPZ_MAGIC):
-            tensors = decode_npz(body, self.settings.max_body_bytes)
-            as_npz = True
-        elif body.startswith(NPY_MAGIC):
-            if len(self.model.inputs) != 1:
-                raise BadRequest(
-                    f"this model takes {len(self.model.inputs)} inputs ({describe_inputs(self.model)}); "
-                    "send an .npz with one array per input name (np.savez(f, name=array, ...)) or use "
-                    f"POST /v2/models/{self.model.name}/infer"
-                )
-            tensors = {self.model.inputs[0].name: decode_npy(body)}
-            as_npz = False
-        else:
-            raise BadRequest(
-                "the body is neither a .npy nor an .npz file; send the bytes np.save (or np.savez) writes"
-            )
+        tensors, as_npz = decode_input_body(self.model, body, self.settings.max_body_bytes)
         result = await self.infer(check_inputs(self.model, tensors))
         if as_npz:
             payload = encode_npz({s.name: result.outputs[s.name] for s in self.model.outputs})
@@ -348,6 +346,7 @@ class _Gateway:
     # -- metrics ---------------------------------------------------------------------------------------
 
     async def get_metrics(self, request: web.Request) -> web.Response:
+        self.async_requests.store.sweep()
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -384,6 +383,7 @@ def create_app(
 
     async def on_shutdown(app: web.Application) -> None:
         gw.readiness.closing = True
+        await gw.async_requests.store.close()  # ends long polls too; async ids do not survive a restart
 
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(on_shutdown)
@@ -398,6 +398,7 @@ def create_app(
         app.router.add_get(base + "/ready", gw.model_ready)
         app.router.add_post(base + "/infer", gw.post_infer)
     app.router.add_get("/metrics", gw.get_metrics)
+    gw.async_requests.add_routes(app.router)
     return app
 
 

@@ -3,6 +3,10 @@
 Errors come back as the :class:`~layerline.errors.InferenceError` subclass that matches the HTTP status
 (400/404/413 -> BadRequest, 500 -> StageFailed, 503 -> StageUnavailable, 504 -> DeadlineExceeded) with the
 gateway's message; a gateway that cannot be reached raises :class:`GatewayUnreachable`.
+
+Asynchronous requests: :meth:`GatewayClient.submit` queues one and returns its id;
+:meth:`~GatewayClient.request_status`, :meth:`~GatewayClient.result`, :meth:`~GatewayClient.cancel` and
+:meth:`~GatewayClient.wait` follow it (``/v1/requests``, see ``docs/http-api.md``).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -29,7 +34,7 @@ from layerline.errors import (
 )
 from layerline.serve.model_info import ModelInfo
 from layerline.serve.oip import HEADER_LENGTH, decode_infer_response, encode_infer_request
-from layerline.serve.validation import decode_npy, decode_npz, encode_npy, encode_npz
+from layerline.serve.validation import NPZ_MAGIC, decode_npy, decode_npz, encode_npy, encode_npz
 
 __all__ = ["DEFAULT_URL", "GatewayClient", "GatewayUnreachable", "error_for_status"]
 
@@ -209,9 +214,113 @@ class GatewayClient:
         except BadRequest as exc:
             raise ProtocolError(f"the gateway at {self.url} sent a malformed infer response: {exc}") from exc
 
+    # -- asynchronous requests (/v1/requests) ---------------------------------------------------------
+
+    def enqueue(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None = None,
+        binary: bool = True,
+        request_id: str | None = None,
+    ) -> dict[str, Any]:
+        """``POST /v1/requests`` with an OIP request (as :meth:`infer` sends it); the 202 status document."""
+        body, header_length = encode_infer_request(
+            inputs, outputs=outputs, binary=binary, request_id=request_id
+        )
+        headers = {"Content-Type": "application/json"}
+        if header_length is not None:
+            headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(header_length)}
+        _, _, payload = self._request("POST", "/v1/requests", body, headers)
+        return self._document(payload, "/v1/requests")
+
+    def submit(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None = None,
+        binary: bool = True,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request on the gateway and return its id (see :meth:`wait`)."""
+        return str(self.enqueue(inputs, outputs, binary, request_id)["id"])
+
+    def request_status(self, request_id: str, wait_s: float = 0.0) -> dict[str, Any]:
+        """``GET /v1/requests/{id}``: ``status`` is queued, running, succeeded, failed, cancelled or expired.
+
+        With ``wait_s`` > 0 the gateway answers as soon as the request ends, or after ``wait_s`` (at most 60).
+        """
+        path = _request_path(request_id) + (f"?wait={wait_s:g}" if wait_s > 0 else "")
+        _, _, payload = self._request("GET", path, timeout_s=self.timeout_s + wait_s)
+        return self._document(payload, path)
+
+    def result(self, request_id: str) -> dict[str, np.ndarray]:
+        """``GET /v1/requests/{id}/result``: the outputs by name.
+
+        Raises what the synchronous call would have raised for a failed request (StageFailed,
+        DeadlineExceeded, ...), and BadRequest with ``http_status`` 409 (not finished), 410 (cancelled or
+        expired) or 404 (unknown id).
+        """
+        path = _request_path(request_id) + "/result"
+        _, headers, payload = self._request("GET", path)
+        try:
+            if HEADER_LENGTH.lower() in headers or headers.get("content-type", "").startswith(
+                "application/json"
+            ):
+                return decode_infer_response(payload, headers.get(HEADER_LENGTH.lower()))
+            if payload.startswith(NPZ_MAGIC):
+                return decode_npz(payload, max_bytes=1 << 62)
+            array = decode_npy(payload)
+        except BadRequest as exc:
+            raise ProtocolError(
+                f"the gateway at {self.url} sent a malformed result for {path}: {exc}"
+            ) from exc
+        return {self.model_info().outputs[0].name: array}
+
+    def cancel(self, request_id: str) -> dict[str, Any]:
+        """``DELETE /v1/requests/{id}``: the status document (cancelled); BadRequest 409 when already done."""
+        path = _request_path(request_id)
+        _, _, payload = self._request("DELETE", path)
+        return self._document(payload, path)
+
+    def wait(self, request_id: str, timeout_s: float = 60.0, poll_s: float = 5.0) -> dict[str, np.ndarray]:
+        """Wait until the request ends, then :meth:`result`; DeadlineExceeded after ``timeout_s``.
+
+        Each status call asks the gateway to hold its answer up to ``poll_s`` (a long poll), so the result
+        is fetched as soon as the request ends, with one call per ``poll_s`` while it runs.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            t0 = time.monotonic()
+            doc = self.request_status(request_id, wait_s=max(0.0, min(poll_s, left, 60.0)))
+            status = doc.get("status")
+            if status not in ("queued", "running"):
+                return self.result(request_id)
+            if time.monotonic() >= deadline:
+                raise DeadlineExceeded(
+                    f"request {request_id} is still {status} after {timeout_s:g} s; it goes on running on "
+                    "the gateway: wait for it again, or cancel it"
+                )
+            if time.monotonic() - t0 < 0.05:  # a gateway that does not long-poll: do not spin
+                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
+    def _document(self, payload: bytes, path: str) -> dict[str, Any]:
+        try:
+            doc = json.loads(payload)
+        except ValueError as exc:
+            raise ProtocolError(f"the gateway at {self.url} answered {path} with invalid JSON") from exc
+        if not isinstance(doc, dict) or not isinstance(doc.get("id"), str):
+            raise ProtocolError(f"the gateway at {self.url} answered {path} without a request id")
+        return doc
+
     def metrics(self) -> str:
         """``GET /metrics``: the Prometheus text."""
         return self._request("GET", "/metrics")[2].decode()
+
+
+def _request_path(request_id: str) -> str:
+    if not request_id or not isinstance(request_id, str):
+        raise BadRequest(f"a request id is a non-empty string, got {request_id!r}")
+    return "/v1/requests/" + urllib.parse.quote(request_id, safe="")
 
 
 def _error_message(status: int, payload: bytes) -> str:

@@ -7,7 +7,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from layerline.runtime.api import InferResult
 
-__all__ = ["BUCKETS", "CONTENT_TYPE", "OUTCOMES", "GatewayMetrics"]
+__all__ = ["ASYNC_STATUSES", "BUCKETS", "CONTENT_TYPE", "OUTCOMES", "GatewayMetrics"]
 
 #: Histogram buckets from 0.1 ms to 30 s, roughly 1-2.5-5 per decade.
 BUCKETS = (
@@ -44,6 +44,9 @@ OUTCOMES = (
 )
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+
+#: The ``status`` label values of ``layerline_async_requests`` (``layerline.serve.jobs.STATUSES``).
+ASYNC_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
 
 
 class GatewayMetrics:
@@ -88,6 +91,38 @@ class GatewayMetrics:
         )
         self.in_flight = Gauge(
             "layerline_in_flight", "Inference requests being handled by the gateway now.", registry=r
+        )
+        self.async_requests = Gauge(
+            "layerline_async_requests",
+            "Asynchronous requests (/v1/requests) held by the gateway, by status.",
+            ["status"],
+            registry=r,
+        )
+        for status in ASYNC_STATUSES:
+            self.async_requests.labels(status).set(0)
+        self.async_results_bytes = Gauge(
+            "layerline_async_results_bytes",
+            "Bytes of finished async results kept by the gateway.",
+            registry=r,
+        )
+        self.async_inputs_bytes = Gauge(
+            "layerline_async_inputs_bytes",
+            "Bytes of inputs held for queued and running async requests.",
+            registry=r,
+        )
+        self.async_evictions = Counter(
+            "layerline_async_evictions",
+            "Finished async requests whose result was dropped, by reason (ttl or bytes).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("ttl", "bytes"):
+            self.async_evictions.labels(reason)
+        self.async_finished = Counter(
+            "layerline_async_finished",
+            "Async requests that finished, by final status (succeeded, failed, cancelled).",
+            ["status"],
+            registry=r,
         )
 
     def observe_result(self, result: InferResult) -> None:

@@ -29,6 +29,7 @@ __all__ = [
     "NPZ_MAGIC",
     "PayloadTooLarge",
     "check_inputs",
+    "decode_input_body",
     "decode_npy",
     "decode_npz",
     "describe_inputs",
@@ -195,3 +196,28 @@ def check_inputs(model: ModelInfo, tensors: Mapping[str, np.ndarray]) -> dict[st
                     )
         checked[spec.name] = array
     return checked
+
+
+def decode_input_body(model: ModelInfo, body: bytes, max_bytes: int) -> tuple[dict[str, np.ndarray], bool]:
+    """The named arrays of a ``POST /input`` body (.npy for one-input models, or .npz), and whether it was
+    an .npz (then every output is answered, as an .npz). Not yet checked against the model's specs."""
+    if body.startswith(NPZ_MAGIC):
+        return decode_npz(body, max_bytes), True
+    if body.startswith(NPY_MAGIC):
+        if len(model.inputs) != 1:
+            raise BadRequest(
+                f"this model takes {len(model.inputs)} inputs ({describe_inputs(model)}); "
+                "send an .npz with one array per input name (np.savez(f, name=array, ...)) or use "
+                f"POST /v2/models/{model.name}/infer"
+            )
+        return {model.inputs[0].name: decode_npy(body)}, False
+    hint = ""
+    if body.lstrip()[:1] in (b"{", b"["):
+        hint = (
+            " (it looks like JSON: Open Inference Protocol requests go to "
+            f"POST /v2/models/{model.name}/infer, or to POST /v1/requests with "
+            "Content-Type: application/json)"
+        )
+    raise BadRequest(
+        "the body is neither a .npy nor an .npz file; send the bytes np.save (or np.savez) writes" + hint
+    )
