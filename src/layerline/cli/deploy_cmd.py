@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Start one worker process per stage and a gateway; returns when every stage is "
         "connected, and leaves them running until `layerline down`.",
         epilog="examples:\n  layerline deploy vgg16.sliced --stages 3\n"
-        "  layerline deploy vgg16.plan.json\n"
+        "  layerline deploy vgg16.plan.json --cluster cluster.yaml\n"
         "  layerline deploy vgg16.sliced --stages 2 --port 9000 --name vgg-test --threads 1",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -28,7 +28,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", choices=("local",), default="local", help="where to run the stages (local)")
     p.add_argument("--host", default="127.0.0.1", help="gateway address (127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="gateway port (8765)")
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads per stage (1)")
+    p.add_argument(
+        "--cluster",
+        type=Path,
+        help="the cluster file the plan was profiled on: run each stage on its device (CPU quotas included)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="onnxruntime threads per stage (default: a plan's own, else what `layerline benchmark` used "
+        "for the stage's device: ceil(cpu_quota), or all cores; 1 for --stages)",
+    )
     p.add_argument("--exact", action="store_true", help="no graph optimisations: bit-exact vs monolithic")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness (120)")
     p.add_argument("--request-timeout", type=float, default=30.0, help="deadline per request, s (30)")
@@ -58,6 +68,15 @@ def run(args: argparse.Namespace) -> int:
     from layerline.engines.stages import resolve_target
 
     target = resolve_target(args.target, args.stages)
+    cluster = None
+    if args.cluster is not None:
+        from layerline.profile.cluster import load_cluster
+
+        cluster = load_cluster(args.cluster)
+    from layerline.engines.placement import place
+
+    for warning in place(target, cluster, args.threads).warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
     settings = DeploySettings(
         name=args.name or default_name(target.sliced_dir),
         host=args.host,
@@ -72,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     )
     engine = LocalEngine()
     with console.status("deploying ...") as spinner:
-        state = engine.deploy(target, settings, progress=lambda m: spinner.update(m))
+        state = engine.deploy(target, settings, progress=lambda m: spinner.update(m), cluster=cluster)
     console.print(f"[green]ready[/]: model {state.name!r} served at {state.url}")
     print_status(engine.status(state.name))
     console.print(

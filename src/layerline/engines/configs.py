@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,13 @@ class DeploymentFiles:
     gateway_config: Path
 
 
-def write_deployment_files(target: DeployTarget, settings: Any, workdir: Path) -> DeploymentFiles:
+def write_deployment_files(
+    target: DeployTarget, settings: Any, workdir: Path, threads: Sequence[int] | None = None
+) -> DeploymentFiles:
     """Write stage ``i``'s merged graph and worker config, and the gateway's config, under ``workdir``.
+
+    Stage ``i`` runs ``threads[i]`` onnxruntime threads (see :func:`layerline.engines.placement.place`);
+    without ``threads``, ``settings.threads`` (1 when that is None).
 
     Workers listen on free loopback ports; the last one sends its results to the gateway's result port.
     With ``settings.transport == "redis"`` they consume from Redis at ``settings.redis_url`` instead
@@ -58,7 +64,7 @@ def write_deployment_files(target: DeployTarget, settings: Any, workdir: Path) -
             index=i,
             model_path=str(model_path),
             forward=stage_forward_names(manifest, start, stop),
-            threads=settings.threads,
+            threads=threads[i] if threads is not None else (settings.threads or 1),
             exact=settings.exact,
         )
         downstream = ports[i + 1] if i + 1 < len(ports) else result_port

@@ -13,9 +13,10 @@ import logging
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from layerline.engines import processes
 from layerline.engines.stages import DeployTarget
@@ -29,6 +30,9 @@ from layerline.engines.state import (
 )
 from layerline.errors import DeploymentExists, EngineError, FormatError
 
+if TYPE_CHECKING:
+    from layerline.profile.cluster import Cluster, DeviceSpec
+
 __all__ = ["DeploySettings", "DeploymentStatus", "LocalEngine", "StageProcessStatus"]
 
 log = logging.getLogger(__name__)
@@ -41,7 +45,9 @@ class DeploySettings:
     name: str
     host: str = "127.0.0.1"
     port: int = 8765
-    threads: int = 1
+    #: onnxruntime threads of every stage; None: the plan's own, else what the benchmark used (see
+    #: :func:`layerline.engines.placement.place`), 1 for a balanced split.
+    threads: int | None = None
     exact: bool = False
     ready_timeout_s: float = 120.0
     request_timeout_s: float = 30.0
@@ -132,27 +138,45 @@ class LocalEngine:
         target: DeployTarget,
         settings: DeploySettings,
         progress: Callable[[str], None] = lambda _msg: None,
+        cluster: Cluster | None = None,
+        cgroup_root: Path | None = None,
     ) -> DeploymentState:
-        from layerline.engines.configs import write_deployment_files
+        """Start ``target``'s stages (each on its device of ``cluster``: see docs/local-engine.md).
 
+        A device with ``cpu_quota`` gets a cgroup v1 cpu group for this deployment; its stage's worker and,
+        on the source device, the gateway run in it. PlanError/EngineError before anything starts when a
+        device is not in the cluster or a quota cannot be enforced.
+        """
+        from layerline.engines.configs import write_deployment_files
+        from layerline.engines.placement import check_quotas, place
+
+        placed = place(target, cluster, settings.threads)
+        for warning in placed.warnings:
+            log.info("%s", warning)
+        if placed.quotas:
+            check_quotas(placed, cgroup_root)
         self._refuse_conflicts(settings)
         workdir = deployment_dir(settings.name)
         workdir.mkdir(parents=True, exist_ok=True)
         started: list[ProcessRecord] = []
+        groups: dict[str, Path] = {}
         try:
             if settings.transport == "redis" and settings.redis_url == "auto":
                 settings = self._start_redis(settings, workdir, started, progress)
             progress(f"writing {len(target.ranges)} stage models")
-            files = write_deployment_files(target, settings, workdir)
+            threads = [s.threads for s in placed.stages]
+            files = write_deployment_files(target, settings, workdir, threads)
             for i, cfg in enumerate(files.worker_configs):
                 logfile = workdir / "logs" / f"stage{i}.log"
                 proc = processes.spawn(["-m", "layerline.runtime.worker", "--config", str(cfg)], logfile)
                 started.append(ProcessRecord(f"stage{i}", proc.pid, str(logfile), files.worker_ports[i]))
+                self._confine(settings.name, placed.stages[i].device, proc.pid, groups, cgroup_root)
             logfile = workdir / "logs" / "gateway.log"
             proc = processes.spawn(
                 ["-m", "layerline.engines.gateway_main", "--config", str(files.gateway_config)], logfile
             )
             started.append(ProcessRecord("gateway", proc.pid, str(logfile), settings.port))
+            self._confine(settings.name, placed.gateway, proc.pid, groups, cgroup_root)
             state = DeploymentState(
                 name=settings.name,
                 engine=self.name,
@@ -161,13 +185,23 @@ class LocalEngine:
                 port=settings.port,
                 sliced=str(target.sliced_dir.resolve()),
                 stages=tuple(
-                    {"index": i, "blocks": list(r), "device": d}
-                    for i, (r, d) in enumerate(zip(target.ranges, target.devices, strict=True))
+                    {
+                        "index": i,
+                        "blocks": list(r),
+                        "device": d,
+                        "threads": p.threads,
+                        "cpu_quota": p.device.cpu_quota,
+                    }
+                    for i, (r, d, p) in enumerate(
+                        zip(target.ranges, target.devices, placed.stages, strict=True)
+                    )
                 ),
                 processes=tuple(started),
                 started_at=time.time(),
                 extra={
                     "threads": settings.threads,
+                    "gateway_device": placed.gateway.name,
+                    "cgroups": {name: str(path) for name, path in groups.items()},
                     "exact": settings.exact,
                     "transport": settings.transport,
                     **({"redis_url": settings.redis_url} if settings.transport == "redis" else {}),
@@ -179,8 +213,22 @@ class LocalEngine:
             return state
         except BaseException:
             processes.stop_processes([p.pid for p in started], timeout_s=3.0)
+            _remove_groups(groups.values())
             _remove_dir(workdir)
             raise
+
+    @staticmethod
+    def _confine(
+        deployment: str, device: DeviceSpec, pid: int, groups: dict[str, Path], cgroup_root: Path | None
+    ) -> None:
+        """Move ``pid`` into ``device``'s cpu group (created on first use) when the device has a quota."""
+        from layerline.engines.placement import create_cpu_group, join_cpu_group
+
+        if device.cpu_quota is None:
+            return
+        if device.name not in groups:
+            groups[device.name] = create_cpu_group(deployment, device.name, device.cpu_quota, cgroup_root)
+        join_cpu_group(groups[device.name], pid)
 
     @staticmethod
     def _start_redis(
@@ -209,6 +257,8 @@ class LocalEngine:
                     f"stop it with `layerline down --name {settings.name}` or pick another --name"
                 )
             log.info("removing the stale state of stopped deployment %s", settings.name)
+            if old is not None:
+                _remove_groups(Path(g) for g in dict(old.extra.get("cgroups") or {}).values())
             _remove_dir(deployment_dir(settings.name))
         if processes.port_in_use(settings.host, settings.port):
             raise DeploymentExists(
@@ -240,6 +290,7 @@ class LocalEngine:
         """Stop every process of deployment ``name`` and remove its directory."""
         state = load_state(name)
         processes.stop_processes([p.pid for p in reversed(state.processes)])
+        _remove_groups(Path(g) for g in dict(state.extra.get("cgroups") or {}).values())
         _remove_dir(deployment_dir(name))
         return state
 
@@ -265,6 +316,14 @@ def _with_health(proc: StageProcessStatus, health: GatewayHealth) -> StageProces
     index = int(proc.role[len("stage") :])
     ready, detail = health.stages.get(index, (False, "no answer in the health probe"))
     return replace(proc, health="ready" if ready else (detail or "not ready"))
+
+
+def _remove_groups(groups: Iterable[Path]) -> None:
+    """Remove the deployment's cpu groups (their processes have been stopped); log the ones still busy."""
+    from layerline.engines.placement import remove_cpu_groups
+
+    for group in remove_cpu_groups(list(groups)):
+        log.warning("could not remove the cpu group %s (a process is still in it); remove it by hand", group)
 
 
 def _remove_dir(path: Path) -> None:

@@ -13,12 +13,19 @@ __all__ = ["DeployTarget", "resolve_target"]
 
 @dataclass(frozen=True)
 class DeployTarget:
-    """The sliced model directory and the half-open block ranges, one per stage."""
+    """The sliced model directory, the half-open block ranges and device names, one per stage.
+
+    ``threads``: a plan's per-stage onnxruntime threads (None: not set; empty: none given);
+    ``source_device``: the device requests come from (a plan's ``predicted.source``; None: the first
+    stage's device).
+    """
 
     sliced_dir: Path
     ranges: tuple[tuple[int, int], ...]
     devices: tuple[str, ...]
     source: str  # "plan" or "balanced"
+    threads: tuple[int | None, ...] = ()
+    source_device: str | None = None
 
 
 def _is_plan_file(path: Path) -> bool:
@@ -28,6 +35,12 @@ def _is_plan_file(path: Path) -> bool:
         return json.loads(path.read_text()).get("format") == "layerline.plan"
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def _plan_source(predicted: object) -> str | None:
+    """The source device a plan was optimised for (``configure`` writes it into ``predicted``)."""
+    source = predicted.get("source") if isinstance(predicted, dict) else None
+    return source if isinstance(source, str) and source else None
 
 
 def resolve_target(target: Path, stages: int | None) -> DeployTarget:
@@ -46,6 +59,8 @@ def resolve_target(target: Path, stages: int | None) -> DeployTarget:
             tuple(tuple(s.blocks) for s in plan.stages),
             tuple(s.device for s in plan.stages),
             "plan",
+            threads=tuple(s.threads for s in plan.stages),
+            source_device=_plan_source(plan.predicted),
         )
     if not target.is_dir():
         raise FormatError(

@@ -1,0 +1,341 @@
+"""Prediction vs reality: the planner's predicted latency against the measured latency of the deployed plan.
+
+Run: ``python bench/bench_prediction.py [--model vgg16] [--workdir DIR] [--requests 50] [--json out.json]``
+(root and a cgroup v1 cpu controller needed: the three devices are CPU quotas on this machine).
+
+1. Build and slice the example model (cached in ``--workdir``).
+2. Write a 3-device cluster on this machine, ``edge`` / ``mid`` / ``server`` with distinct ``cpu_quota``
+   (``--quotas``), and profile it with ``run_benchmark`` (what ``layerline benchmark`` does).
+3. Plan for latency from ``--source`` (``build_report``, what ``layerline configure`` does): the optimum and
+   the baselines (all on the source, all on the fastest, even split, best two-way).
+4. Deploy each distinct feasible plan with the cluster (``LocalEngine.deploy(..., cluster=...)``, what
+   ``layerline deploy PLAN --cluster`` does), send ``--warmup`` then ``--requests`` requests one at a time
+   through the HTTP gateway, and take the median. The gateway's ``/metrics`` give the mean compute time of
+   each stage as the workers measured it, to say where a miss comes from.
+5. Print predicted vs measured per plan; target: the optimum within 15 % of its prediction and faster
+   than every baseline.
+
+Every deployment is stopped in a ``finally``; each plan's measurement is bounded by ``--max-plan-s``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _common import LoadMeter, machine_info, print_table, summarize, wait_idle
+
+from layerline.engines.local import DeploySettings, LocalEngine
+from layerline.engines.processes import free_port
+from layerline.engines.stages import resolve_target
+from layerline.examples import EXAMPLES, build_example
+from layerline.graph import Manifest, slice_model
+from layerline.plan import Plan, PlanStage, save_plan
+from layerline.profile.cgroup import check_cpu_quota
+from layerline.profile.cluster import load_cluster
+from layerline.profile.controller import BenchmarkOptions, run_benchmark
+from layerline.profile.format import load_profile, save_profile
+from layerline.serve.client import GatewayClient
+
+TARGET = 0.15
+TIMEOUT_S = 120.0
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+def prepare(model: str, workdir: Path) -> Path:
+    model_path = workdir / f"{model}.onnx"
+    sliced = workdir / f"{model}-sliced"
+    if not model_path.is_file():
+        say(f"building {model}")
+        build_example(model, model_path)
+    if not (sliced / "manifest.json").is_file():
+        say(f"slicing {model_path.name}")
+        slice_model(model_path, sliced)
+    return sliced
+
+
+def write_cluster(path: Path, quotas: dict[str, float], memory_mb: dict[str, float]) -> Path:
+    lines = ["devices:"]
+    for name, quota in quotas.items():
+        lines += [f"  - name: {name}", f"    cpu_quota: {quota}"]
+        if name in memory_mb:
+            lines.append(f"    memory_bytes: {int(memory_mb[name] * 1024 * 1024)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def profile(sliced: Path, cluster_path: Path, workdir: Path, args: argparse.Namespace) -> Path:
+    """Profile the cluster (kept in the workdir: devices whose quota is unchanged are not re-measured)."""
+    out = workdir / f"{args.model}.profile.json"
+    previous = load_profile(out) if out.is_file() and not args.refresh else None
+    say("profiling the cluster" + (" (reusing unchanged devices)" if previous else ""))
+    started = time.monotonic()
+    prof = run_benchmark(
+        sliced,
+        load_cluster(cluster_path),
+        BenchmarkOptions(repeats=args.profile_repeats),
+        previous=previous,
+    )
+    if prof.failures:
+        raise SystemExit(f"the benchmark failed: {[f.message for f in prof.failures]}")
+    save_profile(prof, out)
+    say(f"profile written to {out} in {time.monotonic() - started:.0f} s")
+    return out
+
+
+def plans(report: dict[str, Any], sliced: Path, source: str) -> list[tuple[str, Plan]]:
+    """The optimum and every distinct feasible baseline, as plans that carry their predicted latency."""
+    n = report["num_blocks"]
+    model = report["model_name"]
+    out: list[tuple[str, Plan]] = [("optimal", report["plan"])]
+    seen = {tuple((s.start, s.stop, s.device) for s in report["plan"].stages): "optimal"}
+    for name, base in report["baselines"].items():
+        if not base["feasible"]:
+            say(f"baseline {name} is infeasible: {base['reason']}")
+            continue
+        key = tuple(tuple(s) for s in base["stages"])
+        if key in seen:
+            say(f"baseline {name} is the same placement as {seen[key]}: measured once")
+            continue
+        seen[key] = name
+        predicted = dict(base["predicted"], source=source, sink=source)
+        stages = tuple(PlanStage((s, t), d) for s, t, d in key)
+        out.append((name, Plan(model, str(sliced), stages, n, "manual", predicted)))
+    return out
+
+
+_METRIC = re.compile(r'^(layerline_\w+?)_(sum|count)\{(?:[^}]*?stage="(\d+)")?[^}]*\}\s+(\S+)$', re.M)
+
+
+def stage_sums(client: GatewayClient) -> dict[tuple[str, str], float]:
+    """``(metric, stage)`` → sum and count of the gateway's per-stage and request histograms."""
+    out: dict[tuple[str, str], float] = {}
+    for metric, kind, stage, value in _METRIC.findall(client.metrics()):
+        out[(f"{metric}_{kind}", stage)] = out.get((f"{metric}_{kind}", stage), 0.0) + float(value)
+    return out
+
+
+def mean_from(before: dict, after: dict, metric: str, stage: str) -> float | None:
+    count = after.get((f"{metric}_count", stage), 0.0) - before.get((f"{metric}_count", stage), 0.0)
+    total = after.get((f"{metric}_sum", stage), 0.0) - before.get((f"{metric}_sum", stage), 0.0)
+    return total / count if count > 0 else None
+
+
+def measure(
+    label: str, plan: Plan, cluster_path: Path, workdir: Path, inputs: dict, args: argparse.Namespace
+) -> dict[str, Any]:
+    path = workdir / "plans" / f"{label}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_plan(plan, path)
+    target = resolve_target(path, None)
+    engine = LocalEngine()
+    name = f"pred-{os.getpid()}-{label}".replace("_", "-")
+    settings = DeploySettings(name=name, port=free_port(), request_timeout_s=TIMEOUT_S, ready_timeout_s=300.0)
+    say(f"{label}: deploying {[(s.start, s.stop, s.device) for s in plan.stages]}")
+    deployed = False
+    try:
+        state = engine.deploy(target, settings, cluster=load_cluster(cluster_path))
+        deployed = True
+        client = GatewayClient(state.url, timeout_s=TIMEOUT_S, model=name)
+        for _ in range(args.warmup):
+            client.infer(inputs)
+        if args.wait_idle:
+            wait_idle(args.wait_idle)
+        pids = [p.pid for p in state.processes] + [os.getpid()]
+        for attempt in range(args.retries + 1):
+            before = stage_sums(client)
+            times: list[float] = []
+            until = time.monotonic() + args.max_plan_s
+            with LoadMeter(pids) as meter:
+                for _ in range(args.requests):
+                    if time.monotonic() > until:
+                        say(f"{label}: stopped after {len(times)} requests (--max-plan-s)")
+                        break
+                    t0 = time.perf_counter()
+                    client.infer(inputs)
+                    times.append(time.perf_counter() - t0)
+            after = stage_sums(client)
+            if meter.result["others"] <= args.max_others or attempt == args.retries:
+                break
+            say(f"{label}: other processes used {meter.result['others']:.2f} cores; measuring again")
+            if args.wait_idle:
+                wait_idle(args.wait_idle)
+        compute = [
+            mean_from(before, after, "layerline_stage_compute_seconds", str(i))
+            for i in range(len(plan.stages))
+        ]
+        gateway = mean_from(before, after, "layerline_request_seconds", "")
+        threads = [s.get("threads") for s in state.stages]
+    finally:
+        if deployed:
+            engine.down(name)
+    assert plan.predicted is not None
+    predicted = float(plan.predicted["latency_s"])
+    median = statistics.median(times)
+    result = {
+        "label": label,
+        "stages": [[s.start, s.stop, s.device] for s in plan.stages],
+        "threads": threads,
+        "predicted_s": predicted,
+        "predicted_stages": plan.predicted.get("stages"),
+        "predicted_transfer_out_s": plan.predicted.get("transfer_out_s"),
+        "measured": summarize(times),
+        "ratio": median / predicted,
+        "stage_compute_mean_s": compute,
+        "gateway_request_mean_s": gateway,
+        "load": meter.result,
+        "attempts": attempt + 1,
+    }
+    say(f"{label}: predicted {ms(predicted)}, measured median {ms(median)} ({median / predicted:.3f}×)")
+    return result
+
+
+def stage_text(stages: list[list[Any]]) -> str:
+    return " | ".join(f"{s}-{t - 1}@{d}" if t - s > 1 else f"{s}@{d}" for s, t, d in stages)
+
+
+def report(results: dict[str, Any]) -> None:
+    rows = []
+    measured = results["plans"]
+    best = min(measured, key=lambda r: r["measured"]["median"])
+    for r in measured:
+        rows.append(
+            [
+                r["label"],
+                stage_text(r["stages"]),
+                ms(r["predicted_s"]),
+                ms(r["measured"]["median"]),
+                ms(r["measured"]["p90"]),
+                f"{r['ratio']:.3f}",
+                "yes" if r is best else "",
+            ]
+        )
+    print_table(
+        f"{results['model']}: predicted vs measured latency, batch 1, source {results['source']} "
+        f"(quotas {results['quotas']})",
+        ["plan", "stages (blocks@device)", "predicted", "measured median", "p90", "measured/pred", "fastest"],
+        rows,
+    )
+    rows = []
+    for r in measured:
+        pred = r["predicted_stages"] or []
+        for i, (p, c) in enumerate(zip(pred, r["stage_compute_mean_s"], strict=False)):
+            rows.append(
+                [
+                    r["label"] if i == 0 else "",
+                    f"{i}: {stage_text([[*p['blocks'], p['device']]])}",
+                    r["threads"][i],
+                    ms(p["compute_s"]),
+                    ms(c),
+                    "-" if c is None else f"{c / p['compute_s']:.3f}",
+                    ms(p["transfer_in_s"]),
+                ]
+            )
+        transfer = sum(p["transfer_in_s"] for p in pred) + (r["predicted_transfer_out_s"] or 0.0)
+        rows.append(
+            [
+                "",
+                "gateway mean / client median",
+                "",
+                "",
+                f"{ms(r['gateway_request_mean_s'])} / {ms(r['measured']['median'])}",
+                "",
+                f"{ms(transfer)} all links",
+            ]
+        )
+    print_table(
+        "per stage: predicted compute vs the workers' own mean compute time",
+        ["plan", "stage", "threads", "predicted", "measured mean", "ratio", "pred. transfer in"],
+        rows,
+    )
+    opt = next(r for r in measured if r["label"] == "optimal")
+    within = abs(opt["ratio"] - 1.0) <= TARGET
+    fastest = all(opt["measured"]["median"] < r["measured"]["median"] for r in measured if r is not opt)
+    print(
+        f"optimal plan: measured/predicted {opt['ratio']:.3f} "
+        f"({'within' if within else 'OUTSIDE'} ±{TARGET:.0%}); "
+        f"{'faster than every baseline' if fastest else 'NOT faster than every baseline'}"
+    )
+    loads = [r["load"]["others"] for r in measured]
+    print(f"other processes on the machine during the measurements: {min(loads):.2f}–{max(loads):.2f} cores")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(EXAMPLES), default="vgg16")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/layerline-bench-prediction"))
+    p.add_argument(
+        "--quotas",
+        default="edge=0.35,mid=0.6,server=1.0",
+        help="device=cores,... (cgroup v1 cpu quotas; the first is the default source)",
+    )
+    p.add_argument("--source", help="where requests come from (default: the first device)")
+    p.add_argument(
+        "--memory-mb", action="append", default=[], metavar="DEV=MB", help="a device's memory budget"
+    )
+    p.add_argument("--requests", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--profile-repeats", type=int, default=20)
+    p.add_argument("--refresh", action="store_true", help="profile every device again")
+    p.add_argument("--max-plan-s", type=float, default=240.0, help="time limit of one plan's requests")
+    p.add_argument("--wait-idle", type=float, default=0.0, help="wait up to S s for a quiet machine per plan")
+    p.add_argument(
+        "--max-others", type=float, default=0.25, help="measure a plan again when other processes used more"
+    )
+    p.add_argument("--retries", type=int, default=2, help="how often to measure a disturbed plan again")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    args.quota_map = {k: float(v) for k, v in (kv.split("=") for kv in args.quotas.split(","))}
+    args.memory_map = {k: float(v) for k, v in (kv.split("=") for kv in args.memory_mb)}
+    args.source = args.source or next(iter(args.quota_map))
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from layerline.cli.configure_cmd import build_report
+
+    args = parse_args(argv)
+    for device, quota in args.quota_map.items():
+        check_cpu_quota(device, quota)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    sliced = prepare(args.model, args.workdir)
+    cluster_path = write_cluster(args.workdir / "cluster.yaml", args.quota_map, args.memory_map)
+    profile_path = profile(sliced, cluster_path, args.workdir, args)
+    rep = build_report(profile_path, source=args.source)
+    stages = [(s.start, s.stop, s.device) for s in rep["plan"].stages]
+    say(f"optimum: {stages}, predicted {ms(rep['predicted']['latency_s'])}")
+    inputs = EXAMPLES[args.model].sample_inputs(1, np.random.default_rng(0))
+    results: dict[str, Any] = {
+        "machine": machine_info(),
+        "model": args.model,
+        "blocks": Manifest.load(sliced).num_blocks,
+        "source": args.source,
+        "quotas": args.quota_map,
+        "memory_mb": args.memory_map,
+        "plans": [],
+    }
+    for label, plan in plans(rep, sliced, args.source):
+        results["plans"].append(measure(label, plan, cluster_path, args.workdir, inputs, args))
+    report(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
