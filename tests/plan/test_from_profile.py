@@ -149,6 +149,28 @@ def test_problem_units_from_profile_and_manifest(tmp_path, sliced):
     assert p.sink_device == "cam"
 
 
+def test_quota_devices_are_priced_by_their_sustained_time(tmp_path, sliced):
+    """Under a CPU quota short runs often escape throttling: the median understates a busy stage.
+
+    On a device with a quota the planner uses the mean of the back-to-back runs; elsewhere the median.
+    """
+    sliced_dir, manifest = sliced
+    doc = profile_doc(manifest.num_blocks, str(sliced_dir))
+    for device in doc["devices"]:
+        if device["name"] == "edge2":
+            device["cpu_quota"] = 0.35
+    for m in doc["blocks"]:
+        m["latency_s"]["mean"] = 3 * m["latency_s"]["median"]
+    path = tmp_path / "quota.json"
+    path.write_text(json.dumps(doc))
+    profile = load_profile(path)
+    assert profile.block(doc["blocks"][0]["device"], 0, 1).latency_s.mean is not None
+    p = problem_from_profile(profile, manifest, source="cam", batch=1).problem
+    n = manifest.num_blocks
+    assert p.compute_s["edge2"] == pytest.approx([3 * block_latency("edge2", b, 1) for b in range(n)])
+    assert p.compute_s["edge1"] == pytest.approx([block_latency("edge1", b, 1) for b in range(n)])
+
+
 def test_plan_prices_match_the_profile(tmp_path, sliced):
     sliced_dir, manifest = sliced
     n = manifest.num_blocks

@@ -65,6 +65,7 @@ def test_known_block_latency_and_memory(tmp_path):
         m = prof.block("d", block.index, 256)
         assert m.latency_s.repeats == 20 and m.latency_s.warmup == 3
         assert m.latency_s.min <= m.latency_s.median <= m.latency_s.p90
+        assert m.latency_s.mean is not None and m.latency_s.min <= m.latency_s.mean
         assert m.latency_s.median == pytest.approx(want, rel=0.3), (block.index, m.latency_s, want)
         # the time of one run, never divided by the batch: batch 1 is not 256x faster
         assert prof.block_latency("d", block.index, 1) > m.latency_s.median / 256

@@ -2,7 +2,8 @@
 
 Units follow :mod:`layerline.plan.problem`: seconds, bytes, bytes per second.
 
-- ``compute_s[d][b]``: the median latency of block ``b`` on device ``d`` at the requested batch;
+- ``compute_s[d][b]``: the median latency of block ``b`` on device ``d`` at the requested batch (the mean of
+  the back-to-back runs on a device with a CPU quota, whose short runs often escape throttling);
 - ``weight_bytes[b]``: the block's weights (manifest, exact);
 - ``activation_bytes[b]``: the block's activations and buffers: the larger of the measured
   ``activations_peak`` (its input and output tensors at that batch, largest over devices) and the bytes of
@@ -200,6 +201,7 @@ def problem_from_profile(
 
     # Block latencies at this batch, indexed once (the profile may hold several batches and devices).
     latency: dict[str, dict[int, float]] = {name: {} for name in names}
+    quota_devices = {d.name for d in devices_in if d.cpu_quota is not None}
     peak: dict[int, int] = {}
     measured_batches: set[int] = set()
     for m in profile.blocks:
@@ -214,7 +216,9 @@ def problem_from_profile(
                 f"the profile has a measurement of block {block} but the sliced model has {n} blocks; "
                 "the profile is for another slicing: re-run `layerline benchmark` on this sliced model"
             )
-        latency[dev][block] = float(m.latency_s.median)
+        # A device under a CPU quota runs a busy stage throttled: plan from the sustained (mean) time there.
+        stats = m.latency_s
+        latency[dev][block] = float(stats.sustained if dev in quota_devices else stats.median)
         peak[block] = max(peak.get(block, 0), int(m.memory_bytes.activations_peak))
     if not any(latency.values()):
         have = ", ".join(str(b) for b in sorted(measured_batches)) or "none"

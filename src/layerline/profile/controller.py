@@ -215,7 +215,14 @@ def _measure_device(handle: AgentHandle, manifest: Manifest, sources, opts, prog
                 spec.name,
                 int(r["block"]),
                 int(r["batch"]),
-                LatencyStats(med, p90, low, len(r["samples_s"]), int(r["warmup"])),
+                LatencyStats(
+                    med,
+                    p90,
+                    low,
+                    len(r["samples_s"]),
+                    int(r["warmup"]),
+                    mean=sum(r["samples_s"]) / len(r["samples_s"]),
+                ),
                 MemoryUse(weights, int(r["activations_bytes"]), int(r["rss_delta_bytes"])),
             )
         )

@@ -37,26 +37,49 @@ _FIX = "re-run `layerline benchmark SLICED -o PROFILE` to write a fresh profile"
 
 @dataclass(frozen=True)
 class LatencyStats:
-    """Per-run latency of one block over ``repeats`` timed runs after ``warmup`` untimed ones."""
+    """Per-run latency of one block over ``repeats`` timed runs after ``warmup`` untimed ones.
+
+    ``mean`` is the total time of the back-to-back runs divided by ``repeats``: the sustained per-run time.
+    Under a CPU quota a run shorter than the quota's budget per period often finishes unthrottled, so the
+    median understates what a busy stage gets; the mean includes the throttled waits (None in profiles
+    written before it was recorded).
+    """
 
     median: float
     p90: float
     min: float
     repeats: int
     warmup: int
+    mean: float | None = None
+
+    @property
+    def sustained(self) -> float:
+        """The mean when recorded, else the median."""
+        return self.median if self.mean is None else self.mean
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "median": self.median,
             "p90": self.p90,
             "min": self.min,
             "repeats": self.repeats,
             "warmup": self.warmup,
         }
+        if self.mean is not None:
+            doc["mean"] = self.mean
+        return doc
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> LatencyStats:
-        return cls(float(d["median"]), float(d["p90"]), float(d["min"]), int(d["repeats"]), int(d["warmup"]))
+        mean = d.get("mean")
+        return cls(
+            float(d["median"]),
+            float(d["p90"]),
+            float(d["min"]),
+            int(d["repeats"]),
+            int(d["warmup"]),
+            None if mean is None else float(mean),
+        )
 
 
 @dataclass(frozen=True)
