@@ -33,7 +33,14 @@ from layerline.errors import DeploymentExists, EngineError, FormatError
 if TYPE_CHECKING:
     from layerline.profile.cluster import Cluster, DeviceSpec
 
-__all__ = ["DeploySettings", "DeploymentStatus", "LocalEngine", "StageProcessStatus"]
+__all__ = [
+    "DeploySettings",
+    "DeploymentStatus",
+    "GatewayHealth",
+    "LocalEngine",
+    "StageProcessStatus",
+    "http_health",
+]
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +116,8 @@ class GatewayHealth:
     stages: dict[int, tuple[bool, str]]
 
 
-def _http_health(url: str, timeout_s: float = 2.0) -> GatewayHealth:
+def http_health(url: str, timeout_s: float = 2.0) -> GatewayHealth:
+    """Ask the gateway at ``url`` whether the whole chain is ready, and each stage's view of it."""
     try:
         with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=timeout_s) as resp:
             status, body = resp.status, resp.read()
@@ -276,7 +284,7 @@ class LocalEngine:
                         f"{p.role} exited during start-up; its log ({p.log}) ends with:\n"
                         f"{processes.tail(Path(p.log)) or '(empty)'}"
                     )
-            health = _http_health(state.url)
+            health = http_health(state.url)
             detail = health.detail
             if health.ready:
                 return
@@ -304,7 +312,7 @@ class LocalEngine:
         gateway_up = any(p.role == "gateway" and p.running for p in procs)
         if not gateway_up:
             return DeploymentStatus(state, procs, False, "gateway process is not running")
-        health = _http_health(state.url)
+        health = http_health(state.url)
         procs = tuple(_with_health(p, health) for p in procs)
         return DeploymentStatus(state, procs, health.ready, health.detail)
 

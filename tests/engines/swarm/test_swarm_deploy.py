@@ -1,0 +1,101 @@
+"""The swarm engine on a real single-node Docker Swarm (private dockerd; see conftest.py)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from layerline.engines import processes
+from layerline.engines.local import DeploySettings
+from layerline.engines.stages import resolve_target
+from layerline.engines.state import deployment_dir
+from layerline.engines.swarm import LABEL, SwarmEngine
+from layerline.errors import DeploymentExists, EngineError
+from layerline.examples import EXAMPLES, build_example
+from layerline.graph import slice_model
+from layerline.runtime.session import open_session
+from layerline.serve.client import GatewayClient
+
+pytestmark = [pytest.mark.swarm, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def tiny_vgg(tmp_path_factory) -> tuple[Path, Path]:
+    work = tmp_path_factory.mktemp("vgg")
+    model = build_example("vgg16-tiny", work / "vgg16-tiny.onnx")
+    slice_model(model, work / "vgg.sliced", name="vgg16-tiny")
+    return model, work / "vgg.sliced"
+
+
+def _labelled(docker, kind: str, name: str) -> list[str]:
+    return docker.run([kind, "ls", "-q", "--filter", f"label={LABEL}={name}"]).split()
+
+
+def test_deploy_three_stages_predict_status_down(swarm_docker, worker_image, tiny_vgg, swarm_timings):
+    model, sliced = tiny_vgg
+    engine = SwarmEngine(docker_host=swarm_docker.host, image=worker_image)
+    settings = DeploySettings(name="sw1", port=processes.free_port(), ready_timeout_s=120)
+    t0 = time.monotonic()
+    state = engine.deploy(resolve_target(sliced, 3), settings)
+    swarm_timings["deploy (3 stages)"] = time.monotonic() - t0
+    try:
+        assert len(_labelled(swarm_docker, "service", "sw1")) == 3
+        status = engine.status("sw1")
+        assert status.ready, status.detail
+        assert [(s.stage, s.running, s.desired) for s in status.services] == [(0, 1, 1), (1, 1, 1), (2, 1, 1)]
+        node = swarm_docker.swarm_node()[0]
+        for service in state.extra["services"]:
+            spec = swarm_docker.run(
+                ["service", "inspect", "--format", "{{json .Spec.TaskTemplate.Placement}}", service]
+            )
+            assert f"node.id=={node}" in spec
+        inputs = EXAMPLES["vgg16-tiny"].sample_inputs(2, np.random.default_rng(1))
+        got = GatewayClient(state.url).infer(inputs)
+        session = open_session(model)
+        expected = dict(zip([o.name for o in session.get_outputs()], session.run(None, inputs), strict=True))
+        for name, want in expected.items():
+            atol = 1e-6 * max(1.0, float(np.abs(want).max()))
+            np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=atol)
+        # the same name again is refused before anything is created, and the first keeps serving
+        with pytest.raises(DeploymentExists, match="sw1"):
+            engine.deploy(resolve_target(sliced, 2), DeploySettings(name="sw1", port=processes.free_port()))
+        assert len(_labelled(swarm_docker, "service", "sw1")) == 3
+        assert GatewayClient(state.url).ready()
+    finally:
+        engine.down("sw1")
+    assert _labelled(swarm_docker, "service", "sw1") == []
+    assert _labelled(swarm_docker, "config", "sw1") == []
+    assert not swarm_docker.run(["ps", "-aq", "--filter", f"label={LABEL}=sw1"]).strip()
+    assert not processes.is_running(state.processes[0].pid)
+    assert not deployment_dir("sw1").exists()
+
+
+def test_missing_image_is_a_clear_error_and_creates_nothing(swarm_docker, tiny_vgg):
+    _, sliced = tiny_vgg
+    engine = SwarmEngine(docker_host=swarm_docker.host, image="layerline-worker:absent")
+    with pytest.raises(EngineError, match=r"layerline-worker:absent.*build_worker_image"):
+        engine.deploy(resolve_target(sliced, 2), DeploySettings(name="sw2", port=processes.free_port()))
+    assert _labelled(swarm_docker, "service", "sw2") == []
+    assert not deployment_dir("sw2").exists()
+
+
+def test_failing_stage_stops_deploy_with_its_log_and_leaves_nothing(
+    swarm_docker, worker_image, tiny_vgg, tmp_path
+):
+    _, sliced = tiny_vgg
+    (tmp_path / "Dockerfile").write_text(
+        f"FROM {worker_image}\n"
+        'ENTRYPOINT ["python3", "-c", "import sys; print(\'stage refuses to start\'); sys.exit(3)"]\n'
+    )
+    swarm_docker.run(
+        ["build", "-q", "-t", "layerline-worker:broken", str(tmp_path)], env={"DOCKER_BUILDKIT": "0"}
+    )
+    engine = SwarmEngine(docker_host=swarm_docker.host, image="layerline-worker:broken")
+    with pytest.raises(EngineError, match=r"(?s)stage \d .*failed to start.*stage refuses to start"):
+        engine.deploy(resolve_target(sliced, 1), DeploySettings(name="sw3", port=processes.free_port()))
+    assert _labelled(swarm_docker, "service", "sw3") == []
+    assert not swarm_docker.run(["ps", "-aq", "--filter", f"label={LABEL}=sw3"]).strip()
+    assert not deployment_dir("sw3").exists()
