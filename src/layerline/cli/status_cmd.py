@@ -45,6 +45,34 @@ def _names(name: str | None) -> list[str]:
     return [name]
 
 
+def engine_for(name: str):
+    """The engine that made deployment ``name`` (its state says which), so status/down act on all of it."""
+    from layerline.engines.local import LocalEngine
+    from layerline.engines.state import load_state
+
+    state = load_state(name)
+    if state.engine == "swarm":
+        from layerline.engines.swarm import SwarmEngine
+
+        options = {"image": state.extra["image"]} if state.extra.get("image") else {}
+        return SwarmEngine(docker_host=state.extra.get("docker_host"), **options)
+    return LocalEngine()
+
+
+def print_swarm_status(status) -> None:
+    state = status.state
+    ready = "[green]ready[/]" if status.ready else f"[red]not ready[/] ({status.detail})"
+    console.print(f"[bold]{state.name}[/]  engine=swarm  {state.url}  {ready}")
+    table = Table()
+    for col in ("stage", "service", "replicas", "state", "error"):
+        table.add_column(col)
+    for s in status.services:
+        table.add_row(str(s.stage), s.service, f"{s.running}/{s.desired}", s.state, s.error)
+    gateway = "[green]running[/]" if status.gateway_running else "[red]not running[/]"
+    table.add_row("gateway", "(local process)", "", gateway, "")
+    console.print(table)
+
+
 def print_status(status) -> None:
     state = status.state
     ready = "[green]ready[/]" if status.ready else f"[red]not ready[/] ({status.detail})"
@@ -67,30 +95,27 @@ def print_status(status) -> None:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from layerline.engines.local import LocalEngine
-
-    engine = LocalEngine()
-    statuses = [engine.status(n) for n in _names(args.name)]
+    statuses = [engine_for(n).status(n) for n in _names(args.name)]
     if args.json:
         print_json({"deployments": [s.to_json() for s in statuses]})
     elif not statuses:
         console.print("no deployments; start one with `layerline deploy SLICED --stages K`")
     for s in statuses if not args.json else ():
-        print_status(s)
+        if s.state.engine == "swarm":
+            print_swarm_status(s)
+        else:
+            print_status(s)
     return 0 if all(s.ready for s in statuses) else 1
 
 
 def run_down(args: argparse.Namespace) -> int:
-    from layerline.engines.local import LocalEngine
-
     names = _names(args.name)
     if not names:
         console.print("no deployments to stop")
         return 0
     if len(names) > 1 and not args.all:
         raise EngineError(f"several deployments run ({', '.join(names)}); pass --name NAME or --all")
-    engine = LocalEngine()
     for name in names:
-        engine.down(name)
+        engine_for(name).down(name)
         console.print(f"stopped {name}")
     return 0
