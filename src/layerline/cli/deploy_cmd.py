@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from layerline.cli.output import console
-from layerline.cli.status_cmd import print_status
+from layerline.cli.status_cmd import print_status, print_swarm_status
+from layerline.errors import EngineError
 
 __all__ = ["default_name", "register"]
 
@@ -25,7 +26,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("target", type=Path, help="a sliced model directory or a plan file")
     p.add_argument("--stages", type=int, help="split into this many stages balancing compute (default 1)")
     p.add_argument("--name", help="served model name (default: the model's name from the manifest)")
-    p.add_argument("--engine", choices=("local",), default="local", help="where to run the stages (local)")
+    p.add_argument(
+        "--engine",
+        choices=("local", "swarm"),
+        default="local",
+        help="where to run the stages: local processes, or services on this Docker Swarm manager (local)",
+    )
+    p.add_argument("--image", help="swarm: the stage-worker image (docs/swarm.md; default layerline-worker)")
+    p.add_argument("--docker-host", help="swarm: the manager's Docker socket (default: docker's own default)")
     p.add_argument("--host", default="127.0.0.1", help="gateway address (127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="gateway port (8765)")
     p.add_argument(
@@ -89,11 +97,26 @@ def run(args: argparse.Namespace) -> int:
         transport=args.transport,
         redis_url=args.redis_url,
     )
-    engine = LocalEngine()
-    with console.status("deploying ...") as spinner:
-        state = engine.deploy(target, settings, progress=lambda m: spinner.update(m), cluster=cluster)
-    console.print(f"[green]ready[/]: model {state.name!r} served at {state.url}")
-    print_status(engine.status(state.name))
+    if args.engine == "swarm":
+        if cluster is not None:
+            raise EngineError(
+                "--cluster places stages on devices of this machine; the swarm engine runs on swarm nodes: "
+                "drop --cluster or --engine swarm"
+            )
+        from layerline.engines.swarm import SwarmEngine
+
+        options = {"image": args.image} if args.image else {}
+        swarm = SwarmEngine(docker_host=args.docker_host, **options)
+        with console.status("deploying on the swarm ...") as spinner:
+            state = swarm.deploy(target, settings, progress=lambda m: spinner.update(m))
+        console.print(f"[green]ready[/]: model {state.name!r} served at {state.url}")
+        print_swarm_status(swarm.status(state.name))
+    else:
+        engine = LocalEngine()
+        with console.status("deploying ...") as spinner:
+            state = engine.deploy(target, settings, progress=lambda m: spinner.update(m), cluster=cluster)
+        console.print(f"[green]ready[/]: model {state.name!r} served at {state.url}")
+        print_status(engine.status(state.name))
     console.print(
         f"try: layerline predict INPUT.npy --url {state.url}    stop: layerline down --name {state.name}"
     )

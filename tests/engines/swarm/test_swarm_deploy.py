@@ -99,3 +99,38 @@ def test_failing_stage_stops_deploy_with_its_log_and_leaves_nothing(
     assert _labelled(swarm_docker, "service", "sw3") == []
     assert not swarm_docker.run(["ps", "-aq", "--filter", f"label={LABEL}=sw3"]).strip()
     assert not deployment_dir("sw3").exists()
+
+
+def test_cli_deploy_status_down_on_the_swarm(swarm_docker, worker_image, tiny_vgg, tmp_path):
+    """`layerline deploy --engine swarm`; `status --json` and `down` find the swarm engine by the state."""
+    import json
+    import subprocess
+    import sys
+
+    _, sliced = tiny_vgg
+
+    def layerline(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "layerline.cli.main", *args], capture_output=True, text=True, timeout=300
+        )
+
+    port = processes.free_port()
+    out = layerline(
+        "deploy", str(sliced), "--stages", "2", "--engine", "swarm", "--name", "swcli", "--port", str(port),
+        "--image", worker_image, "--docker-host", swarm_docker.host,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr + out.stdout
+    try:
+        assert len(_labelled(swarm_docker, "service", "swcli")) == 2
+        doc = json.loads(layerline("status", "--name", "swcli", "--json").stdout)
+        (dep,) = doc["deployments"]
+        assert dep["engine"] == "swarm" and dep["ready"]
+        assert [s["replicas"] for s in dep["services"]] == ["1/1", "1/1"]
+        x = EXAMPLES["vgg16-tiny"].sample_inputs(1, np.random.default_rng(5))["input"]
+        np.save(tmp_path / "x.npy", x)
+        assert layerline("predict", str(tmp_path / "x.npy"), "--name", "swcli").returncode == 0
+    finally:
+        down = layerline("down", "--name", "swcli")
+    assert down.returncode == 0, down.stderr
+    assert _labelled(swarm_docker, "service", "swcli") == []
+    assert not deployment_dir("swcli").exists()
