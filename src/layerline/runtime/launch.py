@@ -25,7 +25,7 @@ from layerline.runtime.ports import free_ports
 from layerline.runtime.stagespec import StageSpec
 from layerline.runtime.worker import DEFAULT_INLINE_BELOW_MS, WorkerConfig
 
-__all__ = ["LocalChain", "free_ports", "start_local_chain"]
+__all__ = ["LocalChain", "free_ports", "launch_chain", "start_local_chain"]
 
 
 @dataclass
@@ -168,13 +168,28 @@ def start_local_chain(
         )
         for i, spec in enumerate(specs)
     ]
+    return launch_chain(configs, host, result_port, workdir=workdir, log_level=log_level, timeout_s=timeout_s)
+
+
+def launch_chain(
+    configs: Sequence[WorkerConfig],
+    host: str,
+    result_port: int,
+    *,
+    workdir: str | Path | None = None,
+    log_level: str = "INFO",
+    timeout_s: float = 30.0,
+    prefix: str = "layerline-chain-",
+) -> LocalChain:
+    """Start one worker per config (in ``workdir``, a temporary directory if None) and wait until all
+    are ready; on any failure stop those already started and re-raise."""
     created = workdir is None
-    path = Path(tempfile.mkdtemp(prefix="layerline-chain-")) if workdir is None else Path(workdir)
+    path = Path(tempfile.mkdtemp(prefix=prefix)) if workdir is None else Path(workdir)
     path.mkdir(parents=True, exist_ok=True)
-    chain = LocalChain(host, configs, result_port, path, log_level=log_level, remove_workdir=created)
+    chain = LocalChain(host, list(configs), result_port, path, log_level=log_level, remove_workdir=created)
     try:
-        chain.processes = [chain._launch(i) for i in range(len(specs))]
-        chain._wait_ready(range(len(specs)), timeout_s)
+        chain.processes = [chain._launch(i) for i in range(len(configs))]
+        chain._wait_ready(range(len(configs)), timeout_s)
     except BaseException:
         chain.stop()
         raise

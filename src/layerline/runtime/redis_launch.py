@@ -8,11 +8,10 @@ predecessor left pending once that has been idle ``claim_idle_ms``.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from layerline.runtime.launch import LocalChain
+from layerline.runtime.launch import LocalChain, launch_chain
 from layerline.runtime.stagespec import StageSpec
 from layerline.runtime.worker import DEFAULT_INLINE_BELOW_MS, WorkerConfig
 
@@ -49,14 +48,12 @@ def start_redis_chain(
         )
         for spec in specs
     ]
-    created = workdir is None
-    path = Path(tempfile.mkdtemp(prefix="layerline-redis-")) if workdir is None else Path(workdir)
-    path.mkdir(parents=True, exist_ok=True)
-    chain = LocalChain("127.0.0.1", configs, 0, path, log_level=log_level, remove_workdir=created)
-    try:
-        chain.processes = [chain._launch(i) for i in range(len(specs))]
-        chain._wait_ready(range(len(specs)), timeout_s)
-    except BaseException:
-        chain.stop()
-        raise
-    return chain
+    return launch_chain(
+        configs,
+        "127.0.0.1",
+        0,
+        workdir=workdir,
+        log_level=log_level,
+        timeout_s=timeout_s,
+        prefix="layerline-redis-",
+    )
