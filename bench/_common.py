@@ -8,13 +8,14 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "MIB",
     "LoadMeter",
+    "cached_sliced_example",
     "cores",
     "cpu_seconds",
     "machine_info",
@@ -198,3 +199,19 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]
     print("  ".join("-" * w for w in widths))
     for row in cells[1:]:
         print(line(row))
+
+
+def cached_sliced_example(model: str, workdir: Path, say: Callable[[str], None]) -> tuple[Path, Path]:
+    """Build and slice a built-in example into ``workdir``, reusing both when they are already there."""
+    from layerline.examples import build_example
+    from layerline.graph import slice_model
+
+    model_path = workdir / f"{model}.onnx"
+    sliced = workdir / f"{model}-sliced"
+    if not model_path.is_file():
+        say(f"building {model}")
+        build_example(model, model_path)
+    if not (sliced / "manifest.json").is_file():
+        say(f"slicing {model_path.name}")
+        slice_model(model_path, sliced)
+    return model_path, sliced

@@ -36,6 +36,7 @@ import numpy as np
 from _common import (
     MIB,
     LoadMeter,
+    cached_sliced_example,
     cores,
     cpu_seconds,
     machine_info,
@@ -48,8 +49,8 @@ from _common import (
 from layerline.engines.local import DeploySettings, LocalEngine
 from layerline.engines.processes import free_port
 from layerline.engines.stages import DeployTarget, resolve_target
-from layerline.examples import EXAMPLES, build_example
-from layerline.graph import Manifest, slice_model, stage_forward_names, write_stage_model
+from layerline.examples import EXAMPLES
+from layerline.graph import Manifest, stage_forward_names, write_stage_model
 from layerline.runtime.inprocess import run_stage
 from layerline.runtime.launch import start_local_chain
 from layerline.runtime.pipeline import DirectPipeline
@@ -80,14 +81,7 @@ def ms(seconds: float) -> str:
 
 def prepare(model: str, stages: int, workdir: Path) -> tuple[Path, Path, DeployTarget, list[StageSpec]]:
     """Build and slice the example (reused when ``workdir`` already holds them) and write the stage graphs."""
-    model_path = workdir / f"{model}.onnx"
-    sliced = workdir / f"{model}-sliced"
-    if not model_path.is_file():
-        say(f"building {model}")
-        build_example(model, model_path)
-    if not (sliced / "manifest.json").is_file():
-        say(f"slicing {model_path.name}")
-        slice_model(model_path, sliced)
+    model_path, sliced = cached_sliced_example(model, workdir, say)
     target = resolve_target(sliced, stages)
     manifest = Manifest.load(sliced)
     stage_dir = workdir / f"{model}-stages{stages}"

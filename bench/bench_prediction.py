@@ -31,13 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import LoadMeter, machine_info, print_table, summarize, wait_idle
+from _common import LoadMeter, cached_sliced_example, machine_info, print_table, summarize, wait_idle
 
 from layerline.engines.local import DeploySettings, LocalEngine
 from layerline.engines.processes import free_port
 from layerline.engines.stages import resolve_target
-from layerline.examples import EXAMPLES, build_example
-from layerline.graph import Manifest, slice_model
+from layerline.examples import EXAMPLES
+from layerline.graph import Manifest
 from layerline.plan import Plan, PlanStage, save_plan
 from layerline.profile.cgroup import check_cpu_quota
 from layerline.profile.cluster import load_cluster
@@ -58,15 +58,7 @@ def ms(seconds: float | None) -> str:
 
 
 def prepare(model: str, workdir: Path) -> Path:
-    model_path = workdir / f"{model}.onnx"
-    sliced = workdir / f"{model}-sliced"
-    if not model_path.is_file():
-        say(f"building {model}")
-        build_example(model, model_path)
-    if not (sliced / "manifest.json").is_file():
-        say(f"slicing {model_path.name}")
-        slice_model(model_path, sliced)
-    return sliced
+    return cached_sliced_example(model, workdir, say)[1]
 
 
 def write_cluster(path: Path, quotas: dict[str, float], memory_mb: dict[str, float]) -> Path:
