@@ -29,7 +29,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CFS_PERIOD_US = 100_000
+# 10 ms, like the profiling agents' quotas (docs/profile.md): with 100 ms a 2 ms block mostly runs at full
+# speed until the period's budget is spent, so a slow device looks fast in bursts instead of uniformly slow
+CFS_PERIOD_US = 10_000
 
 
 def own_cgroup(controller: str) -> Path:
@@ -53,7 +55,7 @@ def _write(path: Path, value: str) -> None:
 
 
 def set_cpu_limit(path: str | Path, cpu: float) -> None:
-    """Limit the cgroup to ``cpu`` cores: quota = cpu x period (period 100 ms)."""
+    """Limit the cgroup to ``cpu`` cores: quota = cpu x period (period 10 ms, at least 1 ms)."""
     p = Path(path)
     _write(p / "cpu.cfs_period_us", str(CFS_PERIOD_US))
     _write(p / "cpu.cfs_quota_us", str(max(1000, round(cpu * CFS_PERIOD_US))))

@@ -57,6 +57,7 @@ def up(spec: FleetSpec, home: str | Path | None = None) -> TestbedState:
             f"a testbed is already up ({existing.testbed_id}, fleet {existing.fleet.name!r}, "
             f"{existing.phase}; state in {testbed_dir(home)}); remove it first with `layerline testbed down`"
         )
+    netns.check_subnet_free()
     tid = f"ll-{secrets.token_hex(3)}"
     cpu_parent = cgroups.own_cgroup("cpu") / tid
     mem_parent = cgroups.own_cgroup("memory") / tid
@@ -87,6 +88,8 @@ def _create(state: TestbedState, home: str | Path | None, cpu_parent: Path, mem_
     cgroups.set_cpu_weight(cpu_parent, CPU_SHARES)
     state = _record(state, Resource("netns", state.switch_netns), home)
     netns.add_switch(state.switch_netns)
+    state = _record(state, Resource("link", netns.host_port_name(state.testbed_id)), home)
+    netns.attach_host(state.switch_netns, state.testbed_id)
     logs = testbed_dir(home) / "logs"
     for index, dev in enumerate(state.devices):
         spec = dev.spec
@@ -142,6 +145,8 @@ def down(home: str | Path | None = None) -> list[str]:
             _stop_process(res)
         elif res.kind == "netns":
             netns.delete_netns(res.name)
+        elif res.kind == "link":
+            netns.delete_link(res.name)
         elif res.kind == "cgroup":
             cgroups.remove_cgroup(res.name)
         removed.append(f"{res.kind} {res.name}")
@@ -193,6 +198,7 @@ class TestbedStatus:
             "phase": self.state.phase,
             "healthy": self.healthy,
             "subnet": self.state.subnet,
+            "host_address": netns.HOST_ADDRESS,
             "switch_netns": self.state.switch_netns,
             "devices": [d.to_json() for d in self.devices],
         }

@@ -1,8 +1,10 @@
-"""Network namespaces: one per device plus a switch namespace holding a bridge; the host's netns is untouched.
+"""Network namespaces: one per device plus a switch namespace holding a bridge, and one port for the host.
 
 Each device gets ``eth0`` (a veth end) with one address of the testbed subnet; the other end (``portINDEX``)
-is a port of bridge ``br0`` in the switch namespace. Nothing is created in the host's namespace, so
-traffic between devices never leaves the namespaces the testbed made.
+is a port of bridge ``br0`` in the switch namespace. The host (where the CLI, the benchmark controller
+and the user's client run) gets one unshaped port too: veth ``<testbed id>-h`` with ``10.213.0.1/24``, so it
+reaches every device's address. Devices have no default route, so their traffic never leaves the
+testbed's subnet.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import signal
 import time
 from pathlib import Path
 
+from layerline.testbed.errors import TestbedError
 from layerline.testbed.host import run_cmd
 
 __all__ = [
@@ -23,6 +26,9 @@ __all__ = [
     "add_netns",
     "add_switch",
     "attach_device",
+    "attach_host",
+    "check_subnet_free",
+    "delete_link",
     "delete_netns",
     "device_address",
     "netns_exists",
@@ -33,6 +39,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SUBNET = "10.213.0.0/24"
+HOST_ADDRESS = "10.213.0.1"
 DEVICE_IFACE = "eth0"
 BRIDGE = "br0"
 NETNS_DIR = Path("/run/netns")
@@ -90,6 +97,45 @@ def attach_device(switch: str, netns: str, index: int, address: str) -> None:
     prefix = ipaddress.ip_network(SUBNET).prefixlen
     run_cmd(["ip", "-n", netns, "addr", "add", f"{address}/{prefix}", "dev", DEVICE_IFACE])
     run_cmd(["ip", "-n", netns, "link", "set", DEVICE_IFACE, "up"])
+
+
+def host_port_name(testbed_id: str) -> str:
+    """The host-side veth of the testbed (``ll-xxxxxx-h``, 11 characters)."""
+    return f"{testbed_id}-h"
+
+
+def check_subnet_free() -> None:
+    """Refuse when the host already routes the testbed's subnet (another network uses it)."""
+    proc = run_cmd(["ip", "-4", "-o", "route", "show", "match", SUBNET.split("/")[0]], check=False)
+    for line in proc.stdout.splitlines():
+        dest = line.split()[0] if line.split() else ""
+        if dest != "default" and ipaddress.ip_network(
+            dest if "/" in dest else f"{dest}/32", strict=False
+        ).overlaps(ipaddress.ip_network(SUBNET)):
+            raise TestbedError(
+                f"the host already routes {SUBNET} ({line.strip()}); the testbed needs that subnet for its "
+                "devices: remove the other network (or a leftover testbed port: `ip link del ll-...-h`)"
+            )
+
+
+def attach_host(switch: str, testbed_id: str) -> str:
+    """Plug the host into the bridge: veth ``<id>-h`` (host side, ``10.213.0.1``) ↔ ``host`` (switch side).
+
+    Returns the host-side interface name. Deleting the switch namespace destroys the pair.
+    """
+    port = host_port_name(testbed_id)
+    run_cmd(["ip", "link", "add", port, "type", "veth", "peer", "name", "host", "netns", switch])
+    run_cmd(["ip", "-n", switch, "link", "set", "host", "master", BRIDGE, "up"])
+    prefix = ipaddress.ip_network(SUBNET).prefixlen
+    run_cmd(["ip", "addr", "add", f"{HOST_ADDRESS}/{prefix}", "dev", port])
+    run_cmd(["ip", "link", "set", port, "up"])
+    return port
+
+
+def delete_link(name: str) -> None:
+    """Delete a host interface; a missing one is fine."""
+    if Path(f"/sys/class/net/{name}").exists():
+        run_cmd(["ip", "link", "del", name], check=False)
 
 
 def netns_pids(name: str) -> list[int]:

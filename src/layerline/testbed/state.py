@@ -53,7 +53,8 @@ def process_start_time(pid: int) -> int | None:
 
 @dataclass(frozen=True)
 class Resource:
-    """One created thing: ``netns`` (name), ``cgroup`` (directory) or ``process`` (role, pid, start time)."""
+    """One created thing: ``netns`` (name), ``link`` (host interface), ``cgroup`` (directory) or ``process``
+    (role, pid, start time)."""
 
     kind: str
     name: str
