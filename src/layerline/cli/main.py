@@ -16,6 +16,7 @@ from layerline.cli import (
     configure_cmd,
     deploy_cmd,
     examples_cmd,
+    image_cmd,
     predict_cmd,
     quickstart_cmd,
     slice_cmd,
@@ -49,6 +50,7 @@ COMMANDS = (
     benchmark_cmd,
     configure_cmd,
     testbed_cmd,
+    image_cmd,
 )
 
 

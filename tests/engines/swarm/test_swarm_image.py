@@ -41,3 +41,23 @@ def test_unknown_architecture_is_refused(tmp_path):
 
     with pytest.raises(EngineError, match="architecture 'sparc'"):
         download_wheels(tmp_path, arch="sparc")
+
+
+def test_gateway_dockerfile_in_the_repo_is_the_one_the_builder_writes():
+    from layerline.engines.swarm.image import GATEWAY_DOCKERFILE
+
+    assert (ROOT / "docker" / "Dockerfile.gateway").read_text() == GATEWAY_DOCKERFILE
+    assert "--no-index" in GATEWAY_DOCKERFILE and "aiohttp prometheus_client" in GATEWAY_DOCKERFILE
+
+
+def test_registry_with_a_scheme_is_refused_before_docker_is_asked():
+    from layerline.engines.swarm.distribute import push_image
+
+    class NoDocker:  # the check happens before any docker call; a call would fail loudly
+        host = None
+
+        def run(self, args, **kw):
+            return "abc" if args[:2] == ["image", "ls"] else pytest.fail(f"docker called: {args}")
+
+    with pytest.raises(EngineError, match="without a scheme"):
+        push_image(NoDocker(), "layerline-worker:latest", "https://reg.lan:5000")

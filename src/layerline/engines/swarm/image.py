@@ -24,9 +24,13 @@ from layerline.errors import EngineError
 
 __all__ = [
     "DEFAULT_BASE_IMAGE",
+    "DEFAULT_GATEWAY_IMAGE",
     "DEFAULT_WORKER_IMAGE",
     "DOCKERFILE",
+    "GATEWAY_DOCKERFILE",
+    "GATEWAY_PACKAGES",
     "BuiltImage",
+    "build_gateway_image",
     "build_worker_image",
     "download_wheels",
     "layerline_wheel",
@@ -36,6 +40,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BASE_IMAGE = "python:3.11-slim"
 DEFAULT_WORKER_IMAGE = "layerline-worker:latest"
+DEFAULT_GATEWAY_IMAGE = "layerline-gateway:latest"
+#: What the gateway needs on top of the worker image (their dependencies come along).
+GATEWAY_PACKAGES = ("aiohttp", "prometheus_client")
 
 #: Kept identical to docker/Dockerfile.worker (a test checks it). pip runs from its own wheel, so the base
 #: image needs only ``python3`` (a Debian minbase with python3 works as well as python:3.11-slim).
@@ -55,6 +62,21 @@ RUN PIP=$(ls /wheels/pip-*.whl) \\
 ENV PYTHONUNBUFFERED=1
 ENTRYPOINT ["python3", "-m", "layerline.runtime.worker"]
 CMD ["--config", "/config/worker.json"]
+"""
+
+#: The gateway: the worker image plus aiohttp and prometheus_client (a small layer; the stage workers'
+#: image stays onnxruntime + numpy + layerline only).
+GATEWAY_DOCKERFILE = """\
+ARG WORKER_IMAGE=layerline-worker:latest
+FROM ${WORKER_IMAGE}
+COPY wheels /wheels
+RUN PIP=$(ls /wheels/pip-*.whl) \\
+ && python3 "$PIP/pip" install --no-index --find-links /wheels --break-system-packages \\
+      --no-cache-dir --no-compile aiohttp prometheus_client \\
+ && rm -rf /wheels \\
+ && python3 -c "import layerline.engines.gateway_main"
+ENTRYPOINT ["python3", "-m", "layerline.engines.gateway_main"]
+CMD ["--config", "/config/gateway.json"]
 """
 
 _PLATFORMS = {
@@ -189,3 +211,45 @@ def build_worker_image(
         )
     size = int(docker.run(["image", "inspect", "--format", "{{.Size}}", tag]).strip())
     return BuiltImage(tag, base_image, size, time.monotonic() - t0)
+
+
+def build_gateway_image(
+    worker_image: str = DEFAULT_WORKER_IMAGE,
+    tag: str = DEFAULT_GATEWAY_IMAGE,
+    docker: DockerCli | None = None,
+    wheels: Path | None = None,
+    python_version: str = "3.11",
+) -> BuiltImage:
+    """Build the gateway image ``tag`` FROM ``worker_image`` plus aiohttp and prometheus_client.
+
+    ``wheels``: a folder with those wheels (and their dependencies, and pip); downloaded when None, pinned to
+    the versions installed here.
+    """
+    docker = docker or DockerCli()
+    if not docker.run(["image", "ls", "-q", worker_image]).strip():
+        raise EngineError(
+            f"the worker image {worker_image!r} is not on this daemon; build it first (layerline image build)"
+        )
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="layerline-gw-image-") as tmp:
+        ctx = Path(tmp)
+        (ctx / "Dockerfile").write_text(GATEWAY_DOCKERFILE)
+        wheel_dir = ctx / "wheels"
+        if wheels is None:
+            pins = tuple(f"{name}=={importlib.metadata.version(name)}" for name in (*GATEWAY_PACKAGES, "pip"))
+            download_wheels(wheel_dir, python_version, packages=pins)
+        else:
+            shutil.copytree(wheels, wheel_dir)
+        for pattern in ("pip-*.whl", "aiohttp-*.whl", "prometheus_client-*.whl"):
+            if not list(wheel_dir.glob(pattern)):
+                raise EngineError(
+                    f"the wheel folder {wheels} has no {pattern}; fill it with download_wheels()"
+                )
+        log.info("building %s from %s", tag, worker_image)
+        docker.run(
+            ["build", "-q", "--build-arg", f"WORKER_IMAGE={worker_image}", "-t", tag, str(ctx)],
+            timeout_s=1800,
+            env={"DOCKER_BUILDKIT": "0"},
+        )
+    size = int(docker.run(["image", "inspect", "--format", "{{.Size}}", tag]).strip())
+    return BuiltImage(tag, worker_image, size, time.monotonic() - t0)
