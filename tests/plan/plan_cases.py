@@ -31,6 +31,8 @@ def random_problem(
     rows = {k: [_time(rng, ties) for _ in range(n)] for k in kinds}
     budgets = {k: rng.choice([None, rng.randint(60, 400)]) for k in kinds}
     link_of = {(a, b): (rng.uniform(0, 0.2), rng.uniform(200, 2000)) for a in kinds for b in kinds}
+    # a per-stage hop overhead on about half of the problems (per template, so copies stay groupable)
+    hops = {k: _time(rng, ties) * 0.5 for k in kinds} if rng.random() < 0.5 else {}
     devices = [Device(name, budgets[template[name]], f"t{template[name]}") for name in names]
     compute = {name: list(rows[template[name]]) for name in names}
     lat: dict[str, dict[str, float]] = {a: {} for a in names}
@@ -68,6 +70,7 @@ def random_problem(
         pins=pins,
         forbid=forbid,
         exclude=exclude,
+        hop_overhead_s={name: hops[template[name]] for name in names if template[name] in hops},
     )
 
 

@@ -171,6 +171,29 @@ def test_quota_devices_are_priced_by_their_sustained_time(tmp_path, sliced):
     assert p.compute_s["edge1"] == pytest.approx([block_latency("edge1", b, 1) for b in range(n)])
 
 
+def test_hop_overheads_come_from_the_profile(tmp_path, sliced):
+    sliced_dir, manifest = sliced
+    n = manifest.num_blocks
+    old = write_profile(tmp_path, sliced_dir, manifest)  # written before the field existed
+    assert all(d.hop_overhead_s is None for d in old.devices)
+    plain = problem_from_profile(old, manifest, source="cam").problem
+    assert set(plain.hop_overhead_s.values()) == {0.0}
+    doc = profile_doc(n, str(sliced_dir))
+    for device in doc["devices"]:
+        if device["name"] in ("cam", "edge1"):
+            device["hop_overhead_s"] = 0.0003 if device["name"] == "cam" else 0.0002
+    path = tmp_path / "hop.json"
+    path.write_text(json.dumps(doc))
+    built = problem_from_profile(load_profile(path), manifest, source="cam")
+    p = built.problem
+    assert p.hop_overhead_s == {"cam": 0.0003, "edge1": 0.0002, "edge2": 0.0, "client": 0.0}
+    assert any("edge2 have no hop overhead measurement" in note for note in built.notes)
+    assert not any("client" in note and "hop overhead" in note for note in built.notes)  # runs no stage
+    stages = [(0, 5, "cam"), (5, n, "edge1")]
+    priced = evaluate_placement(p, stages)
+    assert priced.latency_s == pytest.approx(evaluate_placement(plain, stages).latency_s + 0.0005)
+
+
 def test_plan_prices_match_the_profile(tmp_path, sliced):
     sliced_dir, manifest = sliced
     n = manifest.num_blocks
@@ -307,7 +330,10 @@ def _synthetic(num_blocks: int, num_devices: int) -> tuple[Profile, Manifest]:
     )
     names = [f"d{j}" for j in range(num_devices)]
     doc = profile_doc(0, "synthetic.sliced", batches=(1,))
-    doc["devices"] = [dict(doc["devices"][0], name=name, memory_available_bytes=10**9) for name in names]
+    doc["devices"] = [
+        dict(doc["devices"][0], name=name, memory_available_bytes=10**9, hop_overhead_s=2e-4 * (1 + j % 3))
+        for j, name in enumerate(names)
+    ]
     doc["blocks"] = [
         dict(
             device=name,
@@ -343,7 +369,10 @@ def test_300_blocks_8_devices_plan_fast():
     fast = optimize(built.problem, "throughput")
     baselines(built.problem)
     elapsed = time.perf_counter() - started
+    print(f"planning 300 blocks x 8 devices from a profile took {elapsed:.3f} s")
     assert elapsed < 2.0, f"planning 300 blocks x 8 devices took {elapsed:.2f} s"
+    assert built.problem.hop_overhead_s["d1"] == 4e-4
+    assert all(s.overhead_s == built.problem.hop_overhead_s[s.device] for s in best.breakdown)
     assert best.states == 256  # 8 distinct devices: no grouping shortcut
     assert fast.bottleneck_s <= best.bottleneck_s
     assert best.stages[-1][1] == 300

@@ -58,9 +58,10 @@ def _floors(rng, placements):
 @pytest.mark.parametrize("chunk", range(4))
 def test_dp_matches_brute_force(chunk):
     rng = random.Random(1000 + chunk)
-    infeasible = feasible = 0
+    infeasible = feasible = with_overhead = 0
     for _ in range(90):
         problem = random_problem(rng)
+        with_overhead += any(problem.hop_overhead_s.values())
         placements = feasible_placements(problem)
         for objective in ("latency", "throughput"):
             bf = select_best(placements, objective)
@@ -70,8 +71,8 @@ def test_dp_matches_brute_force(chunk):
         for rps in _floors(rng, placements):
             bf = select_best(placements, "latency", rps)
             _check_same(problem, _solve(problem, "latency", rps), bf, "latency", rps)
-    # the generator must produce both kinds, or this test proves little
-    assert feasible > 40 and infeasible > 5
+    # the generator must produce both kinds (and hop overheads), or this test proves little
+    assert feasible > 40 and infeasible > 5 and with_overhead > 25
 
 
 def test_grouped_devices_give_the_same_optimum():

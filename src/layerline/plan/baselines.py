@@ -20,10 +20,11 @@ def all_on_source(problem: PlanningProblem) -> Placement:
 
 
 def all_on_fastest(problem: PlanningProblem) -> Placement:
-    """Every block on the usable device with the smallest total compute that can hold the whole model."""
+    """Every block on the usable device with the smallest total compute (plus its hop overhead) that can hold
+    the whole model."""
     model = CostModel(problem)
     n = problem.num_blocks
-    order = sorted(problem.usable_devices, key=lambda d: model.compute_s(d, 0, n))
+    order = sorted(problem.usable_devices, key=lambda d: model.busy_s(d, 0, n))
     for device in order:
         stages = ((0, n, device),)
         if not model.violations(stages):
@@ -36,11 +37,11 @@ def all_on_fastest(problem: PlanningProblem) -> Placement:
 def even_split(problem: PlanningProblem) -> Placement:
     """Equal block counts over the k fastest usable devices (k = their number, at most one per block).
 
-    Stages go fastest device first.
+    Stages go fastest device first (by total compute plus hop overhead).
     """
     model = CostModel(problem)
     n = problem.num_blocks
-    order = sorted(problem.usable_devices, key=lambda d: model.compute_s(d, 0, n))
+    order = sorted(problem.usable_devices, key=lambda d: model.busy_s(d, 0, n))
     k = min(len(order), n)
     ranges = balanced_split([1.0] * n, k)
     stages = [(start, stop, order[i]) for i, (start, stop) in enumerate(ranges)]

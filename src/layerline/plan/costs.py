@@ -3,10 +3,12 @@
 A placement is a tuple of stages ``(start, stop, device)`` covering blocks ``[0, L)`` in order.
 
 - stage compute: ``P_d[stop] - P_d[start]`` with ``P_d`` the running sum of ``compute_s[d]`` (seconds);
+- stage overhead: ``hop_overhead_s[d]``, paid once by every stage (its process's receive, decode, dispatch,
+  encode and send); a stage's *busy* time is ``compute + overhead`` (CPU work of its device);
 - stage memory: ``sum(weight_bytes[start:stop]) + max(activation_bytes[start:stop])`` (bytes);
 - transfer into a stage / out to the sink: 0 on the same device, else ``latency + bytes / bandwidth``;
-- latency: the sum of every transfer and compute along the chain source → stages → sink;
-- bottleneck: the largest single compute or transfer; throughput = 1 / bottleneck.
+- latency: the sum of every transfer, compute and overhead along the chain source → stages → sink;
+- bottleneck: the largest single stage busy time or transfer; throughput = 1 / bottleneck.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ StageTuple = tuple[int, int, str]
 
 @dataclass(frozen=True)
 class StageCost:
-    """One stage of a placement: its blocks, device, compute, the transfer into it and its memory."""
+    """One stage of a placement: its blocks, device, compute, the transfer into it, its memory and the
+    hop overhead its process adds (seconds; 0 when the device's overhead is unknown)."""
 
     start: int
     stop: int
@@ -37,6 +40,7 @@ class StageCost:
     compute_s: float
     transfer_in_s: float
     memory_bytes: int
+    overhead_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class Placement:
                     "device": s.device,
                     "compute_s": s.compute_s,
                     "transfer_in_s": s.transfer_in_s,
+                    "overhead_s": s.overhead_s,
                     "memory_bytes": s.memory_bytes,
                 }
                 for s in self.breakdown
@@ -105,10 +110,15 @@ class CostModel:
             ([0], np.cumsum(np.asarray(problem.weight_bytes, dtype=np.int64)))
         )
         self.activation = np.asarray(problem.activation_bytes, dtype=np.int64)
+        self.overhead = dict(problem.hop_overhead_s)
 
     def compute_s(self, device: str, start: int, stop: int) -> float:
         p = self.prefix[device]
         return float(p[stop] - p[start])
+
+    def busy_s(self, device: str, start: int, stop: int) -> float:
+        """Compute plus hop overhead of a stage: the time its device works on one request."""
+        return self.compute_s(device, start, stop) + self.overhead[device]
 
     def memory_bytes(self, start: int, stop: int) -> int:
         return int(self.weight_prefix[stop] - self.weight_prefix[start]) + int(
@@ -184,10 +194,12 @@ class CostModel:
         for start, stop, device in plan:
             t_in = problem.transfer_s(prev, device, problem.boundary_bytes[start])
             comp = self.compute_s(device, start, stop)
+            over = self.overhead[device]
             latency += t_in
             latency += comp
-            bottleneck = max(bottleneck, t_in, comp)
-            breakdown.append(StageCost(start, stop, device, comp, t_in, self.memory_bytes(start, stop)))
+            latency += over
+            bottleneck = max(bottleneck, t_in, comp + over)
+            breakdown.append(StageCost(start, stop, device, comp, t_in, self.memory_bytes(start, stop), over))
             prev = device
         t_out = problem.transfer_s(prev, problem.sink_device, problem.boundary_bytes[-1])
         latency += t_out

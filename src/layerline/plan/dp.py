@@ -1,20 +1,21 @@
 """The exact placement DP, vectorised with numpy.
 
 State: (cut i, how many devices of each class are used, class of the last stage's device). A stage
-``[i, t)`` on class ``e`` costs ``P_e[t] - P_e[i]``; the stages allowed for a fixed end ``t`` (memory, pins,
-forbids and an optional per-stage time limit are all hereditary: a sub-range of an allowed range is
-allowed) are exactly the starts ``i`` in a window ``[lo_e(t), t)``. So with
+``[i, t)`` on class ``e`` costs ``P_e[t] - P_e[i] + h_e`` (compute plus the class's hop overhead); the
+stages allowed for a fixed end ``t`` (memory, pins, forbids and an optional per-stage time limit are all
+hereditary: a sub-range of an allowed range is allowed) are exactly the starts ``i`` in a window
+``[lo_e(t), t)``. So with
 ``g[S, e, i]`` = best cost of reaching cut i with the next stage on class e (transfer paid) and
 ``f[S, e, t]`` = best cost of a chain ending with a stage on e that stops at cut t::
 
     g[S, e, i] = min_d f[S - e, d, i] + trans[d, e, i]          (first stage: transfer from the source)
-    f[S, e, t] = P_e[t] + min_{i in [lo_e(t), t)} (g[S, e, i] - P_e[i])   (range minimum, sparse table)
+    f[S, e, t] = P_e[t] + h_e + min_{i in [lo_e(t), t)} (g[S, e, i] - P_e[i])   (range min, sparse table)
 
 States are processed by the number of devices used, so each layer only reads the previous one. The cost
 is O(S·C²·L) for the transfers plus O(S·C·L·log L) for the range minima, with S = prod(count_c + 1)
-device-count vectors and C classes (S = 2^D for D distinct devices). A threshold T on every single
-compute and transfer (for the throughput objective and the throughput floor) just narrows the windows
-and removes links, so the same DP answers "least latency with bottleneck <= T" exactly.
+device-count vectors and C classes (S = 2^D for D distinct devices). A threshold T on every single stage
+busy time (compute + overhead) and transfer (for the throughput objective and the throughput floor) just
+narrows the windows and removes links, so the same DP answers "least latency with bottleneck <= T" exactly.
 """
 
 from __future__ import annotations
@@ -65,8 +66,11 @@ class PlacementDP:
         cost_model = CostModel(problem)
         reps = [m[0] for m in self.classes]
         self.prefix = np.stack([cost_model.prefix[r] for r in reps])
-        # cmat[e, i, t] = compute of [i, t) on class e, formed exactly as CostModel.compute_s does
-        self.cmat = self.prefix[:, None, :] - self.prefix[:, :, None]
+        self.hop = np.array([cost_model.overhead[r] for r in reps], dtype=np.float64)
+        # busy[e, i, t] = compute + hop overhead of [i, t) on class e, formed exactly as CostModel does
+        # ((P[t] - P[i]) + h): threshold comparisons see the cost model's own numbers. Adding a constant
+        # keeps it monotone in i, so the allowed starts under a threshold stay an interval.
+        self.busy = (self.prefix[:, None, :] - self.prefix[:, :, None]) + self.hop[:, None, None]
         self.base_valid = self._base_valid(cost_model, reps)
         self.trans, self.src, self.snk = self._transfers(reps)
         self.floorlog = np.zeros(n + 2, dtype=np.int64)
@@ -119,19 +123,19 @@ class PlacementDP:
 
     def windows(self, limit: float = math.inf) -> np.ndarray:
         """lo[e, t]: the first allowed start of a stage on class e ending at cut t (lo == t: none)."""
-        valid = self.base_valid if math.isinf(limit) else self.base_valid & (self.cmat <= limit)
+        valid = self.base_valid if math.isinf(limit) else self.base_valid & (self.busy <= limit)
         return np.arange(self.n + 1)[None, :] - valid.sum(axis=1)
 
     def candidates(self) -> np.ndarray:
-        """Every value a plan's bottleneck can take: allowed stage computes and finite transfers."""
-        parts = [self.cmat[self.base_valid], self.trans[:, :, 1 : self.n].ravel(), self.src, self.snk]
+        """Every value a plan's bottleneck can take: allowed stage busy times and finite transfers."""
+        parts = [self.busy[self.base_valid], self.trans[:, :, 1 : self.n].ravel(), self.src, self.snk]
         values = np.concatenate(parts)
         return np.unique(values[np.isfinite(values)])
 
     # -- DPs --------------------------------------------------------------------------------------------
 
     def feasible(self, limit: float = math.inf) -> bool:
-        """Whether some placement has every compute and transfer <= limit."""
+        """Whether some placement has every stage busy time and transfer <= limit."""
         n, lo = self.n, self.windows(limit)
         ok_t = np.isfinite(self.trans) & (self.trans <= limit)
         ok_src = np.isfinite(self.src) & (self.src <= limit)
@@ -170,7 +174,7 @@ class PlacementDP:
         return float(values[lo])
 
     def least_latency(self, limit: float = math.inf) -> list[tuple[int, int, str]] | None:
-        """The least-latency placement with every compute and transfer <= limit, or None."""
+        """The least-latency placement with every stage busy time and transfer <= limit, or None."""
         n, c = self.n, len(self.classes)
         lo = self.windows(limit)
         trans = np.where(self.trans <= limit, self.trans, np.inf)
@@ -187,7 +191,7 @@ class PlacementDP:
                 else:
                     g[states, e] = (f[states - self.strides[e]] + trans[None, :, e, :]).min(axis=1)
                 best = self._window_min(g[states, e] - self.prefix[e][None, :], lo[e])
-                f[states, e] = best + self.prefix[e][None, :]
+                f[states, e] = best + self.prefix[e][None, :] + self.hop[e]
         total = f[:, :, n] + snk[None, :]
         flat = int(np.argmin(total))
         if not math.isfinite(total.flat[flat]):

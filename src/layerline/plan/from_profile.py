@@ -16,7 +16,9 @@ Units follow :mod:`layerline.plan.problem`: seconds, bytes, bytes per second.
   writes the available memory into the profile's ``memory_budget_bytes`` when the cluster sets no
   ``memory_bytes``, so a budget equal to the available memory counts as "not set";
 - links: ``one_way_latency_s`` and ``bandwidth_Bps`` of each measured pair; a pair measured in one direction
-  only is assumed symmetric (noted); a device→itself link is free.
+  only is assumed symmetric (noted); a device→itself link is free;
+- ``hop_overhead_s[d]``: the device's measured ``hop_overhead_s`` (what each stage there adds besides compute
+  and transfers); a device without one (an older profile) pays 0, noted when other devices have one.
 
 A device with no block measurement at the batch (e.g. a client that only sends requests, or one whose agent
 failed) can still be the source or sink but runs no stage (noted).
@@ -256,6 +258,15 @@ def problem_from_profile(
     weights = [b.weight_bytes for b in manifest.blocks]
     activations = [max(peak.get(b, 0), boundary[b] + boundary[b + 1]) for b in range(n)]
 
+    hops = {d.name: d.hop_overhead_s for d in devices_in if d.hop_overhead_s is not None}
+    planned = [name for name in names if name not in exclude and name not in unmeasured]
+    without = [name for name in planned if name not in hops]
+    if hops and without:
+        notes.append(
+            f"device(s) {', '.join(without)} have no hop overhead measurement, so their stages are priced "
+            "without one; re-run `layerline benchmark --refresh` to measure it everywhere"
+        )
+
     devices: list[Device] = []
     available: dict[str, int | None] = {}
     for d in devices_in:
@@ -300,6 +311,7 @@ def problem_from_profile(
         forbid={b: frozenset(d) for b, d in (forbid or {}).items()},
         exclude=exclude | frozenset(unmeasured),
         block_names=None,
+        hop_overhead_s=hops,
     )
     for note in notes:
         logger.info("%s", note)

@@ -1,10 +1,10 @@
 """Group interchangeable devices so the optimiser counts them instead of tracking each one.
 
 Two devices are interchangeable when swapping their names leaves the problem unchanged: same compute row,
-memory budget and allowed blocks (pins/forbids), the same links to and from every other device, the same
-link in both directions between them, and neither is the source or the sink. Swaps compose, so this is an
-equivalence and a class is checked against its first member only. Grouping is exact: any plan over the
-grouped problem maps to one over the named devices with the same cost, and back.
+hop overhead, memory budget and allowed blocks (pins/forbids), the same links to and from every other
+device, the same link in both directions between them, and neither is the source or the sink. Swaps compose,
+so this is an equivalence and a class is checked against its first member only. Grouping is exact: any
+plan over the grouped problem maps to one over the named devices with the same cost, and back.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def device_classes(
     signature = {
         name: (
             problem.compute_s[name],
+            problem.hop_overhead_s[name],
             problem.device(name).memory_budget_bytes,
             tuple(problem.block_allowed(b, name) for b in range(problem.num_blocks)),
         )

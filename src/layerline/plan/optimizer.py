@@ -2,8 +2,10 @@
 
 Objectives:
 
-- ``latency``: the least end-to-end latency (every compute and transfer, source → stages → sink);
-- ``throughput``: the smallest bottleneck (largest single compute or transfer), then the least latency;
+- ``latency``: the least end-to-end latency (every compute, hop overhead and transfer, source → stages →
+  sink);
+- ``throughput``: the smallest bottleneck (largest single stage busy time — compute plus hop overhead — or
+  transfer), then the least latency;
 - ``latency`` with ``min_throughput_rps``: the least latency among plans whose bottleneck is at most
   ``1 / min_throughput_rps``.
 """

@@ -39,6 +39,9 @@ class PlanningProblem:
     ``bandwidth_Bps[a][b]`` describe the link a→b; a missing pair means there is no link; a→a costs 0.
     ``sink`` defaults to ``source``. ``pins`` put a block on a device, ``forbid`` keeps a block off devices,
     ``exclude`` keeps devices out of the plan entirely (an excluded source/sink still sends/receives).
+    ``hop_overhead_s[d]``: seconds every stage on device ``d`` (or on devices of type ``d``) costs besides
+    its compute and its transfers (the stage process's receive, decode, dispatch, encode and send); a device
+    not listed pays 0. After construction it holds one entry per device name.
     """
 
     compute_s: Mapping[str, Sequence[float]]
@@ -54,6 +57,7 @@ class PlanningProblem:
     forbid: Mapping[int, Collection[str]] = field(default_factory=dict)
     exclude: Collection[str] = frozenset()
     block_names: Sequence[str] | None = None
+    hop_overhead_s: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.weight_bytes)
@@ -82,6 +86,7 @@ class PlanningProblem:
         object.__setattr__(self, "boundary_bytes", tuple(int(v) for v in self.boundary_bytes))
         self._check_devices()
         object.__setattr__(self, "compute_s", self._device_rows(n))
+        object.__setattr__(self, "hop_overhead_s", self._hop_overheads())
         names = set(self.device_names)
         object.__setattr__(
             self, "latency_s", self._links(self.latency_s, "latency_s", names, allow_zero=True)
@@ -215,6 +220,28 @@ class PlanningProblem:
                     )
             rows[d.name] = values
         return rows
+
+    def _hop_overheads(self) -> dict[str, float]:
+        given = dict(self.hop_overhead_s)
+        known = set(self.device_names) | {d.type for d in self.devices if d.type is not None}
+        for key, v in given.items():
+            if key not in known:
+                raise PlanError(
+                    f"hop_overhead_s names unknown device {key!r}; use device names or types "
+                    f"({_names(known)})"
+                )
+            if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise PlanError(
+                    f"hop_overhead_s[{key!r}] is {v!r}; a stage's overhead must be finite seconds >= 0 "
+                    "(leave the device out for none)"
+                )
+        out: dict[str, float] = {}
+        for d in self.devices:
+            v = given.get(d.name)
+            if v is None and d.type is not None:
+                v = given.get(d.type)
+            out[d.name] = float(v or 0.0)
+        return out
 
     @staticmethod
     def _links(

@@ -4,7 +4,8 @@
 the file suffix; ``.png`` needs matplotlib (not a dependency) and says so clearly when it is missing.
 
 Lanes: every device that runs a stage, plus the source and the sink. A transfer is drawn on the lane of the
-device that receives it (hatched), from the moment the previous step ends.
+device that receives it (hatched), from the moment the previous step ends; a stage's hop overhead (its
+process receiving, decoding, dispatching, encoding and sending) is a grey box just before its compute.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ __all__ = ["TimelineBox", "save_timeline", "timeline_boxes", "timeline_lanes", "
 
 COMPUTE_COLOR = "#4c78a8"
 TRANSFER_COLOR = "#f58518"
+OVERHEAD_COLOR = "#9d9d9d"
 
 
 @dataclass(frozen=True)
 class TimelineBox:
-    """One step of the request: ``kind`` is ``"compute"`` or ``"transfer"``; times in seconds."""
+    """One step of the request: ``kind`` is ``"compute"``, ``"overhead"`` or ``"transfer"``; times in s."""
 
     kind: str
     device: str
@@ -49,7 +51,10 @@ def timeline_lanes(placement: Placement, source: str, sink: str | None = None) -
 
 
 def timeline_boxes(placement: Placement, source: str, sink: str | None = None) -> list[TimelineBox]:
-    """The compute and transfer steps of one request along the time axis (zero-time transfers left out)."""
+    """The transfer, overhead and compute steps of one request along the time axis.
+
+    Transfers between stages on the same device and zero overheads are left out.
+    """
     sink = source if sink is None else sink
     boxes: list[TimelineBox] = []
     t = 0.0
@@ -58,6 +63,9 @@ def timeline_boxes(placement: Placement, source: str, sink: str | None = None) -
         if s.device != prev:
             boxes.append(TimelineBox("transfer", s.device, t, s.transfer_in_s, f"{prev} → {s.device}", i))
             t += s.transfer_in_s
+        if s.overhead_s > 0:
+            boxes.append(TimelineBox("overhead", s.device, t, s.overhead_s, f"stage {i}: hop overhead", i))
+            t += s.overhead_s
         blocks = f"{s.start}" if s.stop - s.start == 1 else f"{s.start}-{s.stop - 1}"
         boxes.append(TimelineBox("compute", s.device, t, s.compute_s, f"stage {i}: blocks {blocks}", i))
         t += s.compute_s
@@ -132,7 +140,7 @@ def timeline_svg(placement: Placement, source: str, sink: str | None = None, tit
         w = max(b.duration_s * scale, 1.0)
         y = lane_y[b.device] + 4
         h = lane_h - 8
-        fill = COMPUTE_COLOR if b.kind == "compute" else "url(#hatch)"
+        fill = {"compute": COMPUTE_COLOR, "overhead": OVERHEAD_COLOR}.get(b.kind, "url(#hatch)")
         stage = "" if b.stage is None else f' data-stage="{b.stage}"'
         tip = f"{b.label}: {_fmt_s(b.duration_s)}"
         out.append(
@@ -157,6 +165,12 @@ def timeline_svg(placement: Placement, source: str, sink: str | None = None, tit
     out.append(f'<rect x="{left + 100}" y="{ly - 10}" width="14" height="12" fill="url(#hatch)"/>')
     out.append(f'<text x="{left + 120}" y="{ly}">transfer (on the receiving device)</text>')
     out.append(f'<text x="{left + 360}" y="{ly}">time since the request left the source →</text>')
+    if any(b.kind == "overhead" for b in boxes):
+        oy = ly + 18
+        out.append(f'<rect x="{left}" y="{oy - 10}" width="14" height="12" fill="{OVERHEAD_COLOR}"/>')
+        out.append(
+            f'<text x="{left + 20}" y="{oy}">stage hop overhead (receive, decode, encode, send)</text>'
+        )
     out.append("</g>")
     out.append("</svg>")
     return "\n".join(out) + "\n"
@@ -197,7 +211,10 @@ def _save_png(placement: Placement, target: Path, source: str, sink: str | None,
     fig, ax = plt.subplots(figsize=(10, 1.2 + 0.5 * len(lanes)))
     for b in boxes:
         row = len(lanes) - 1 - lanes.index(b.device)
-        style = {"color": COMPUTE_COLOR} if b.kind == "compute" else {"color": TRANSFER_COLOR, "hatch": "//"}
+        style = {
+            "compute": {"color": COMPUTE_COLOR},
+            "overhead": {"color": OVERHEAD_COLOR},
+        }.get(b.kind, {"color": TRANSFER_COLOR, "hatch": "//"})
         ax.broken_barh([(b.start_s * 1e3, b.duration_s * 1e3)], (row - 0.35, 0.7), **style)
     ax.set_yticks(range(len(lanes)), list(reversed(lanes)))
     ax.set_xlabel("ms since the request left the source")

@@ -2,6 +2,10 @@
 
 Units are in the field names: ``_s`` seconds, ``_bytes`` bytes, ``_Bps`` bytes per second. A device's link
 to itself is implicit (zero latency, infinite bandwidth) and is not stored.
+
+Versioning: a field added later is optional (written only when measured, absent = not measured: e.g.
+``latency_s.mean``, ``devices[].hop_overhead_s``), so older profiles still load; ``format_version`` changes
+only when a field changes meaning or becomes required.
 """
 
 from __future__ import annotations
@@ -134,7 +138,12 @@ class BlockMeasurement:
 
 @dataclass(frozen=True)
 class DeviceProfile:
-    """What a device has: cores it may use, its memory, and when it was measured."""
+    """What a device has: cores it may use, its memory, and when it was measured.
+
+    ``hop_overhead_s``: what one stage on this device adds to a request besides its compute and its
+    transfers (``layerline.profile.overhead``: the mean under a CPU quota, else the median); None when not
+    measured (profiles written before it was recorded), which the planner prices as 0.
+    """
 
     name: str
     address: str
@@ -147,9 +156,10 @@ class DeviceProfile:
     measured_at: float
     onnxruntime: str
     labels: Mapping[str, str] = field(default_factory=dict)
+    hop_overhead_s: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "name": self.name,
             "address": self.address,
             "labels": dict(self.labels),
@@ -162,10 +172,14 @@ class DeviceProfile:
             "measured_at": self.measured_at,
             "onnxruntime": self.onnxruntime,
         }
+        if self.hop_overhead_s is not None:
+            doc["hop_overhead_s"] = self.hop_overhead_s
+        return doc
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> DeviceProfile:
         q = d.get("cpu_quota")
+        hop = d.get("hop_overhead_s")
         return cls(
             str(d["name"]),
             str(d["address"]),
@@ -178,6 +192,7 @@ class DeviceProfile:
             float(d["measured_at"]),
             str(d["onnxruntime"]),
             {str(k): str(v) for k, v in (d.get("labels") or {}).items()},
+            None if hop is None else float(hop),
         )
 
 
@@ -313,6 +328,13 @@ class Profile:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise FormatError(f"malformed profile ({type(exc).__name__}: {exc}); {_FIX}") from exc
+        for dev in profile.devices:
+            hop = dev.hop_overhead_s
+            if hop is not None and not (math.isfinite(hop) and hop >= 0):
+                raise FormatError(
+                    f"malformed profile: device {dev.name} hop_overhead_s {hop!r} is not a number of "
+                    f"seconds >= 0; {_FIX}"
+                )
         for lk in profile.links:
             if not (math.isfinite(lk.bandwidth_Bps) and lk.bandwidth_Bps > 0):
                 raise FormatError(
