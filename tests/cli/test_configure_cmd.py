@@ -169,6 +169,7 @@ def test_configure_json_has_plan_baselines_and_ratios(workdir):
     assert src["latency_s"] == pytest.approx(0.010 * doc["num_blocks"])
     stage = doc["stages"][0]
     assert stage["memory_budget_bytes"] == int(0.8 * 2_000_000_000)
+    assert stage["overhead_s"] == 0.0  # this profile predates hop overheads: every stage pays none
 
 
 def test_infeasible_inputs_exit_1_with_the_reason(workdir):

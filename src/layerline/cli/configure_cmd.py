@@ -147,6 +147,7 @@ def build_report(
             "blocks": [s.start, s.stop],
             "device": s.device,
             "compute_s": s.compute_s,
+            "overhead_s": s.overhead_s,
             "transfer_in_s": s.transfer_in_s,
             "memory_bytes": s.memory_bytes,
             "memory_budget_bytes": budgets[s.device],
@@ -254,6 +255,7 @@ def _print_report(report: dict[str, Any]) -> None:
         ("blocks", "left"),
         ("device", "left"),
         ("compute", "right"),
+        ("hop overhead", "right"),
         ("transfer in", "right"),
         ("memory / budget", "right"),
     ):
@@ -267,6 +269,7 @@ def _print_report(report: dict[str, Any]) -> None:
             f"{start}-{stop - 1}" if stop - start > 1 else str(start),
             s["device"],
             human_seconds(s["compute_s"]),
+            human_seconds(s.get("overhead_s", 0.0)),
             human_seconds(s["transfer_in_s"]),
             mem,
         )
