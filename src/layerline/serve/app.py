@@ -82,6 +82,10 @@ class GatewaySettings:
     request_timeout_s: float = 30.0
     health_timeout_s: float = 2.0
     health_cache_s: float = 0.5
+    #: A request still running after this long makes the gateway probe the chain (every ``watch_after_s``);
+    #: when the probe says a stage is gone (its node cut off, a frozen worker) the request fails at once with
+    #: 503 instead of waiting for its deadline. 0 turns the watch off.
+    watch_after_s: float = 1.0
     max_in_flight: int = 64
     async_max_pending: int = 256
     async_concurrency: int = 8
@@ -98,6 +102,8 @@ class GatewaySettings:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.health_cache_s < 0:
             raise ValueError(f"health_cache_s must be >= 0, got {self.health_cache_s}")
+        if self.watch_after_s < 0:
+            raise ValueError(f"watch_after_s must be >= 0, got {self.watch_after_s}")
         for name in ("max_in_flight", "async_max_pending", "async_concurrency", "async_max_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -166,6 +172,13 @@ class _Readiness:
         """Forget the cached answer: a request just found a stage unreachable, so probe again."""
         self._value = None
 
+    def recent_failure(self) -> PipelineHealth | None:
+        """The cached answer when it is a "not ready" younger than the cache time (else None)."""
+        value = self._value
+        if value is not None and not value.ready and time.monotonic() - self._at < self._ttl:
+            return value
+        return None
+
 
 def _health_json(health: PipelineHealth) -> dict:
     return {
@@ -216,14 +229,23 @@ class _Gateway:
 
     async def infer(self, inputs: dict[str, np.ndarray]) -> InferResult:
         timeout = self.settings.request_timeout_s
+        known = self.readiness.recent_failure()
+        if known is not None:
+            raise StageUnavailable(f"the pipeline is not ready: {known.detail}")
+        run = asyncio.ensure_future(
+            asyncio.wait_for(self.pipeline.infer(inputs, timeout), timeout + _DEADLINE_GRACE_S)
+        )
         try:
-            result = await asyncio.wait_for(self.pipeline.infer(inputs, timeout), timeout + _DEADLINE_GRACE_S)
+            result = await self._watched(run)
         except asyncio.TimeoutError:
             self.readiness.invalidate()
             raise DeadlineExceeded(f"the request did not complete within {timeout} s") from None
         except (StageUnavailable, DeadlineExceeded):
             self.readiness.invalidate()
             raise
+        finally:
+            if not run.done():
+                run.cancel()
         missing = [s.name for s in self.model.outputs if s.name not in result.outputs]
         if missing:
             raise StageFailed(
@@ -232,6 +254,30 @@ class _Gateway:
             )
         self.metrics.observe_result(result)
         return result
+
+    async def _watched(self, run: asyncio.Future) -> InferResult:
+        """``run``'s result; while it runs past ``watch_after_s``, probe the chain and give up with 503 when
+        the probe says it is broken (a lost node never answers, so the deadline alone would be the only
+        way out)."""
+        every = self.settings.watch_after_s
+        if every <= 0:
+            return await run
+        while True:
+            done, _ = await asyncio.wait({run}, timeout=every)
+            if done:
+                return run.result()
+            probe = asyncio.ensure_future(self.readiness.get())
+            done, _ = await asyncio.wait({run, probe}, return_when=asyncio.FIRST_COMPLETED)
+            if run in done:
+                probe.cancel()
+                return run.result()
+            health = probe.result()
+            if not health.ready and not run.done():
+                run.cancel()
+                raise StageUnavailable(
+                    f"the request was still running after {every:g} s and the pipeline is not ready: "
+                    f"{health.detail}"
+                )
 
     async def guarded(
         self,
