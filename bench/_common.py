@@ -2,27 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
+import re
+import signal
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from layerline.testbed import FleetSpec, TestbedState
 
 __all__ = [
     "MIB",
     "LoadMeter",
+    "TestbedLoadMeter",
     "cached_sliced_example",
     "cores",
     "cpu_seconds",
+    "interrupts_deferred",
+    "loadavg",
     "machine_info",
+    "metric_mean",
+    "metric_sums",
     "percentile",
     "print_table",
     "read_memory",
+    "sigterm_as_interrupt",
     "summarize",
+    "testbed_pids",
+    "up_testbed_when_free",
     "wait_idle",
 ]
 
@@ -215,3 +229,133 @@ def cached_sliced_example(model: str, workdir: Path, say: Callable[[str], None])
         say(f"slicing {model_path.name}")
         slice_model(model_path, sliced)
     return model_path, sliced
+
+
+def loadavg() -> tuple[float, float, float]:
+    """The kernel's 1, 5 and 15 minute load averages (runnable + uninterruptible tasks, not cores)."""
+    one, five, fifteen = Path("/proc/loadavg").read_text().split()[:3]
+    return float(one), float(five), float(fifteen)
+
+
+def sigterm_as_interrupt() -> None:
+    """Make SIGTERM raise KeyboardInterrupt, so ``finally`` blocks (a testbed's ``down``) run on kill too."""
+
+    def _raise(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, _raise)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ignore Ctrl-C and SIGTERM inside the block (clean-up that must not be cut short), then restore."""
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def up_testbed_when_free(
+    spec: FleetSpec, home: Path, say: Callable[[str], None], wait_s: float = 600.0
+) -> tuple[TestbedState, float, float]:
+    """``layerline.testbed.up``, waiting (bounded by ``wait_s``) while another testbed holds the subnet.
+
+    Only one testbed can be up per host (a test run may hold it). Returns the state, the seconds spent
+    waiting for the subnet and the seconds the successful ``up`` took.
+    """
+    from layerline.testbed import TestbedError, up
+
+    started = time.monotonic()
+    deadline = started + wait_s
+    announced = False
+    while True:
+        t0 = time.monotonic()
+        try:
+            state = up(spec, home)
+        except TestbedError as exc:
+            if "already routes" not in str(exc) or time.monotonic() > deadline:
+                raise
+            if not announced:
+                say(f"another testbed is up on this host; waiting up to {wait_s:.0f} s for it to go")
+                announced = True
+            time.sleep(2.0)
+            continue
+        return state, t0 - started, time.monotonic() - t0
+
+
+def testbed_pids(state: TestbedState) -> list[int]:
+    """Every process in the testbed's devices (their cpu cgroups and the cgroups beneath them, so a
+    device dockerd's containers too) and the testbed's own daemons (delayers, dockerds)."""
+    pids: list[int] = [r.pid for r in state.processes() if r.pid is not None]
+    for dev in state.devices:
+        for procs in Path(dev.cpu_cgroup).rglob("cgroup.procs"):
+            with contextlib.suppress(OSError, ValueError):
+                pids += [int(p) for p in procs.read_text().split()]
+    return list(dict.fromkeys(pids))
+
+
+_METRIC = re.compile(r'^(layerline_\w+?)_(sum|count)\{(?:[^}]*?stage="(\d+)")?[^}]*\}\s+(\S+)$', re.M)
+
+
+def metric_sums(text: str) -> dict[tuple[str, str], float]:
+    """``(metric_sum|metric_count, stage)`` → value of a gateway's ``/metrics`` histograms (stage "" when
+    the series has no stage label), summed over the other labels."""
+    out: dict[tuple[str, str], float] = {}
+    for metric, kind, stage, value in _METRIC.findall(text):
+        key = (f"{metric}_{kind}", stage)
+        out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
+def metric_mean(before: dict, after: dict, metric: str, stage: str) -> float | None:
+    """The mean of histogram ``metric`` (of ``stage``) between two :func:`metric_sums` readings."""
+    count = after.get((f"{metric}_count", stage), 0.0) - before.get((f"{metric}_count", stage), 0.0)
+    total = after.get((f"{metric}_sum", stage), 0.0) - before.get((f"{metric}_sum", stage), 0.0)
+    return total / count if count > 0 else None
+
+
+def _cpuacct_dirs(state: TestbedState) -> list[Path]:
+    """The devices' cpuacct cgroups (only ``swarm: true`` devices have one: their dockerd joins every
+    hierarchy, and its containers nest beneath it)."""
+    found = []
+    for dev in state.devices:
+        for group in dev.daemon.cgroups if dev.daemon else ():
+            if (Path(group) / "cpuacct.usage").is_file():
+                found.append(Path(group))
+    return found
+
+
+class TestbedLoadMeter(LoadMeter):
+    """:class:`LoadMeter` where "ours" is everything the testbed runs, even processes that come and go.
+
+    CPU time of the devices' cpuacct cgroups (a swarm device's dockerd, its image builds and containers;
+    hierarchical, so short-lived processes count) plus that of the processes inside the devices that are
+    not in those groups when the phase starts (local-engine workers join only the cpu and memory
+    hierarchies), the testbed's daemons, this process, its reaped children and ``extra_pids``. "others"
+    is then the load of the rest of the machine (other jobs).
+    """
+
+    __test__ = False
+
+    def __init__(self, state: TestbedState, extra_pids: Sequence[int] = ()) -> None:
+        self.groups = _cpuacct_dirs(state)
+        in_groups: set[int] = set()
+        for group in self.groups:
+            for procs in group.rglob("cgroup.procs"):
+                with contextlib.suppress(OSError, ValueError):
+                    in_groups.update(int(p) for p in procs.read_text().split())
+        pids = [p for p in [*testbed_pids(state), os.getpid(), *extra_pids] if p not in in_groups]
+        super().__init__(pids)
+
+    def _ours(self) -> float:
+        import resource
+
+        # + children of this process that ended and were reaped (docker save/load, docker build clients)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        total = super()._ours() + children.ru_utime + children.ru_stime
+        for group in self.groups:
+            with contextlib.suppress(OSError, ValueError):
+                total += int((group / "cpuacct.usage").read_text()) / 1e9
+        return total

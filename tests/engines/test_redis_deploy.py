@@ -42,7 +42,13 @@ def test_three_stage_redis_deployment_matches_monolithic(tiny_vgg):
     try:
         status = engine.status("r1")
         assert status.ready, status.detail
-        assert [p.role for p in status.processes] == ["redis", "stage0", "stage1", "stage2", "gateway"]
+        assert [p.role for p in status.processes] == [
+            "redis",
+            "stage0.r0",
+            "stage1.r0",
+            "stage2.r0",
+            "gateway",
+        ]
         assert state.extra["transport"] == "redis" and state.extra["redis_url"].startswith(
             "redis://127.0.0.1:"
         )

@@ -75,6 +75,8 @@ def test_known_block_latency_and_memory(tmp_path):
     dev = prof.device("d")
     assert dev.cores >= 1 and 0 < dev.memory_available_bytes <= dev.memory_total_bytes
     assert dev.memory_budget_bytes == dev.memory_available_bytes
+    # a real stage hop on the device: tens of microseconds to a few milliseconds on a loaded 2-core host
+    assert dev.hop_overhead_s is not None and 1e-6 < dev.hop_overhead_s < 0.01, dev.hop_overhead_s
 
 
 def test_known_link_latency_and_bandwidth(tmp_path):

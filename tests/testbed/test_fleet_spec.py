@@ -64,6 +64,23 @@ def test_defaults_merge_and_round_trip():
         ({"devices": [{"name": "a", "cpu": 1, "memory": "64M", "gpu": 1}]}, "unknown keys"),
         ({"devices": [{"name": "a", "cpu": 1, "memory": "64M"}] * 2}, "unique"),
         ({"format_version": 2, "devices": [{"name": "a", "cpu": 1, "memory": "64M"}]}, "format_version"),
+        ({"devices": [{"name": "a", "cpu": 1, "memory": "128M", "swarm": True}]}, "at least memory: 256M"),
+        ({"devices": [{"name": "a", "cpu": 1, "memory": "64M", "swarm": "yes"}]}, "true or false"),
+        (
+            {"devices": [{"name": "a", "cpu": 1, "memory": "64M", "delays": {"x": "5ms"}}]},
+            "'x', which is not",
+        ),
+        ({"devices": [{"name": "a", "cpu": 1, "memory": "64M", "delays": {"a": "5ms"}}]}, "itself"),
+        ({"devices": [{"name": "a", "cpu": 1, "memory": "64M", "delays": ["b"]}]}, "mapping of device name"),
+        (
+            {
+                "devices": [
+                    {"name": "a", "cpu": 1, "memory": "64M", "delays": {"b": "soon"}},
+                    {"name": "b", "cpu": 1, "memory": "64M"},
+                ]
+            },
+            "not a duration",
+        ),
     ],
 )
 def test_invalid_fleets_are_refused(doc, needle):
@@ -71,9 +88,29 @@ def test_invalid_fleets_are_refused(doc, needle):
         FleetSpec.from_yaml_data(doc)
 
 
+def test_per_pair_delays_and_swarm():
+    spec = FleetSpec.from_yaml_data(
+        {
+            "link": {"delay": "5ms"},
+            "devices": [
+                {"name": "a", "cpu": 0.5, "memory": "256M", "swarm": True, "delays": {"b": "30ms", "c": 0}},
+                {"name": "b", "cpu": 0.5, "memory": "64M", "link": {"delay": 0}},
+                {"name": "c", "cpu": 0.5, "memory": "64M", "link": {"delay": 0}, "delays": {"a": "1ms"}},
+            ],
+        }
+    )
+    a, b, c = spec.devices
+    assert (a.delay_from("b"), a.delay_from("c"), a.delay_from("host")) == (30.0, 0.0, 5.0)
+    assert a.swarm and not b.swarm and a.needs_delayer and c.needs_delayer and not b.needs_delayer
+    assert FleetSpec.from_json(spec.to_json()) == spec
+
+
 def test_examples_load():
     names = {p.stem: load_fleet(p) for p in EXAMPLES.glob("*.yaml")}
-    assert {"pis", "trio", "edge-server"} <= set(names)
+    assert {"pis", "trio", "edge-server", "swarm-trio"} <= set(names)
+    trio = names["swarm-trio"]
+    assert all(d.swarm for d in trio.devices) and sum(d.cpu for d in trio.devices) <= 2
+    assert trio.device("node3").delay_from("node1") == 20.0
     pis = names["pis"]
     assert [d.name for d in pis.devices] == ["pi1", "pi2", "pi3"]
     assert all(d.link.rate_bit == 100_000_000 and d.link.delay_ms == 10.0 for d in pis.devices)

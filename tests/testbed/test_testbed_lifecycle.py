@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from testbed_support import FLEET, RATE_MBIT
+from testbed_support import FLEET, RATE_MBIT, up_when_free
 
 from layerline.testbed import FleetSpec, TestbedError, device_argv, down, load_state, status, up
 from layerline.testbed.host import missing_requirements
@@ -67,7 +67,7 @@ BURN = (
 @pytest.fixture(scope="module")
 def testbed(tmp_path_factory):
     home = tmp_path_factory.mktemp("testbed-home")
-    state = up(FleetSpec.from_yaml_data(FLEET), home)
+    state = up_when_free(FleetSpec.from_yaml_data(FLEET), home)
     yield home, state
     down(home)
 
@@ -81,11 +81,12 @@ def test_fleet_comes_up_with_its_limits(testbed):
     home, state = testbed
     st = status(home)
     assert st is not None and st.healthy, st
-    a, b = st.devices
-    assert (a.address, b.address) == ("10.213.0.10", "10.213.0.11")
+    a, b, c = st.devices
+    assert (a.address, b.address, c.address) == ("10.213.0.10", "10.213.0.11", "10.213.0.12")
     assert (a.cpu_limit, b.cpu_limit) == (1.0, 0.25)
     assert (a.memory_limit, b.memory_limit) == (128 * 2**20, 96 * 2**20)
-    assert a.delayer_pid is None and b.delayer_running is True
+    assert a.delayer_pid is None and b.delayer_running is True and c.delayer_running is True
+    assert a.docker_host is None and a.dockerd_running is None and a.node_state is None
     addr = subprocess.run(device_argv(state, "a", ["ip", "-o", "-4", "addr"]), capture_output=True, text=True)
     assert "10.213.0.10/24" in addr.stdout
 
@@ -102,6 +103,29 @@ def test_bandwidth_and_delay(testbed):
     echo.communicate(timeout=20)
     print(f"median TCP round trip {rtt:.2f} ms with a 5 ms receive delay on b")
     assert 5.0 <= rtt <= 9.0
+
+
+def _rtt(state, client: str, server: str, port: int) -> float:
+    addr = state.device(server).address
+    echo = _in(state, server, "-c", NETTOOL, "sink", addr, str(port))
+    rtt = float(_in(state, client, "-c", NETTOOL, "echo", addr, str(port)).communicate(timeout=20)[0])
+    echo.communicate(timeout=20)
+    return rtt
+
+
+def test_per_pair_delay_picks_the_delay_by_sender(testbed):
+    _, state = testbed
+    # b delays what it receives by 5 ms, but what comes from c by 15 ms; a and c delay nothing
+    from_a, from_c = _rtt(state, "a", "b", 5304), _rtt(state, "c", "b", 5305)
+    print(f"median TCP round trip a->b {from_a:.2f} ms (5 ms), c->b {from_c:.2f} ms (15 ms)")
+    assert 5.0 <= from_a <= 9.0 and 15.0 <= from_c <= 19.0
+    assert abs((from_c - from_a) - 10.0) <= 2.0
+    # c delays only what comes from a (3 ms; its only iptables rule matches a's address), so what c
+    # receives from b is not delayed: b<->c takes b's 15 ms alone
+    assert _rtt(state, "b", "c", 5306) == pytest.approx(from_c, abs=2.0)
+    a_c = _rtt(state, "a", "c", 5307)
+    print(f"median TCP round trip a->c {a_c:.2f} ms (3 ms)")
+    assert 3.0 <= a_c <= 6.0
 
 
 def test_host_reaches_the_devices_through_its_port(testbed):

@@ -23,11 +23,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Writes a profile JSON (docs/profile.md); a re-run re-measures only what changed.",
         epilog="examples:\n  layerline benchmark vgg16.sliced -o vgg16.profile.json\n"
         "  layerline benchmark vgg16.sliced --cluster cluster.yaml --batch 1 --batch 8 -o prof.json\n"
-        "  layerline benchmark bert.sliced --dim sequence=128 -o bert.profile.json --refresh",
+        "  layerline benchmark bert.sliced --dim sequence=128 -o bert.profile.json --refresh\n"
+        "  layerline benchmark vgg16.sliced --testbed -o vgg16.fleet.json   # every device of the testbed",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("sliced", type=Path, help="a sliced model directory (from `layerline slice`)")
-    p.add_argument("--cluster", type=Path, help="cluster YAML (default: this machine as one device 'local')")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--cluster", type=Path, help="cluster YAML (default: this machine as one device 'local')"
+    )
+    where.add_argument(
+        "--testbed",
+        action="store_true",
+        help="every device of the running emulated testbed (`layerline testbed up`), in fleet order",
+    )
     p.add_argument("-o", "--output", type=Path, help="profile file to write (default SLICED.profile.json)")
     p.add_argument("--batch", type=int, action="append", help="batch size to time (repeatable; default 1)")
     p.add_argument("--repeats", type=int, default=20, help="timed runs per block and batch (20)")
@@ -87,7 +96,12 @@ def run(args: argparse.Namespace) -> int:
         save_profile,
     )
 
-    cluster = load_cluster(args.cluster) if args.cluster else default_cluster()
+    if args.testbed:
+        from layerline.profile.testbed_devices import running_testbed, testbed_cluster
+
+        cluster = testbed_cluster(running_testbed())
+    else:
+        cluster = load_cluster(args.cluster) if args.cluster else default_cluster()
     out = args.output or args.sliced.with_name(args.sliced.name + ".profile.json")
     try:
         opts = BenchmarkOptions(
@@ -138,18 +152,27 @@ def run(args: argparse.Namespace) -> int:
 def _print_table(profile, out: Path) -> None:
     table = Table(title=f"{profile.model_name}: profile → {out}")
     table.add_column("device")
-    for col in ("batch", "compute (sum of block medians)", "block memory (max)", "memory budget", "cores"):
+    for col in (
+        "batch",
+        "compute (sum of block medians)",
+        "sustained (sum of means)",
+        "block memory (max)",
+        "memory budget",
+        "cores",
+    ):
         table.add_column(col, justify="right")
     for d in profile.devices:
         for batch in profile.batch_sizes:
             ms = [m for m in profile.blocks if m.device == d.name and m.batch == batch]
             total = sum(m.latency_s.median for m in ms)
+            sustained = sum(m.latency_s.sustained for m in ms)
             mem = max((m.memory_bytes.weights + m.memory_bytes.activations_peak for m in ms), default=0)
             quota = f" (quota {d.cpu_quota:g})" if d.cpu_quota else ""
             table.add_row(
                 d.name,
                 str(batch),
                 human_seconds(total),
+                human_seconds(sustained),
                 human_bytes(mem),
                 human_bytes(d.memory_budget_bytes),
                 f"{d.cores}{quota}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from layerline.cli.autoscale_cmd import add_autoscale_options, autoscale_options_given, config_from_args
 from layerline.cli.output import console
 from layerline.cli.status_cmd import print_status, print_swarm_status
 from layerline.errors import EngineError
@@ -20,7 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "connected, and leaves them running until `layerline down`.",
         epilog="examples:\n  layerline deploy vgg16.sliced --stages 3\n"
         "  layerline deploy vgg16.plan.json --cluster cluster.yaml\n"
-        "  layerline deploy vgg16.sliced --stages 2 --port 9000 --name vgg-test --threads 1",
+        "  layerline deploy vgg16.plan.json --testbed      # each stage inside its testbed device\n"
+        "  layerline deploy vgg16.sliced --stages 2 --port 9000 --name vgg-test --threads 1\n"
+        "  layerline deploy vgg16.sliced --stages 3 --transport redis --replicas 1,2,1\n"
+        "  layerline deploy vgg16.sliced --stages 3 --transport redis --autoscale --max 4 --down-delay 60",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("target", type=Path, help="a sliced model directory or a plan file")
@@ -36,10 +40,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--docker-host", help="swarm: the manager's Docker socket (default: docker's own default)")
     p.add_argument("--host", default="127.0.0.1", help="gateway address (127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="gateway port (8765)")
-    p.add_argument(
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
         "--cluster",
         type=Path,
         help="the cluster file the plan was profiled on: run each stage on its device (CPU quotas included)",
+    )
+    where.add_argument(
+        "--testbed",
+        action="store_true",
+        help="run each stage (and the gateway) inside its device of the running emulated testbed; the "
+        "plan's devices must be the testbed's (a plan from `benchmark --testbed`)",
     )
     p.add_argument(
         "--threads",
@@ -61,8 +72,53 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="with --transport redis: redis://HOST:PORT/DB, or auto to start a private redis-server (auto)",
     )
+    p.add_argument(
+        "--replicas",
+        metavar="N[,N...]",
+        help="worker processes per stage, one count for all or one per stage (1; other counts need "
+        "--transport redis)",
+    )
     p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body, MB (64)")
-    p.set_defaults(func=run)
+    p.add_argument(
+        "--autoscale",
+        action="store_true",
+        help="with --transport redis: run an autoscaler with the deployment (see `layerline autoscale`)",
+    )
+    add_autoscale_options(p, title="autoscaling (with --autoscale; per stage: N or N,N,...)")
+    p.set_defaults(func=run, deploy_parser=p)
+
+
+def _replicas_and_autoscale(args: argparse.Namespace, stages: int) -> tuple:
+    """``--replicas`` and ``--autoscale`` checked against the transport and engine (usage errors, exit 2)."""
+    from layerline.runtime.scaling import parse_replicas
+
+    parser: argparse.ArgumentParser = args.deploy_parser
+    try:
+        counts = parse_replicas(args.replicas, stages)
+    except ValueError as exc:
+        parser.error(str(exc))
+    given = autoscale_options_given(args)
+    if given and not args.autoscale:
+        parser.error(f"{', '.join(given)} set(s) the autoscaler: add --autoscale")
+    if args.engine == "swarm" and (args.replicas is not None or args.autoscale):
+        parser.error("--replicas and --autoscale work with --engine local (the swarm engine scales itself)")
+    if args.transport != "redis":
+        if any(n != 1 for n in counts):
+            parser.error(
+                f"--replicas {args.replicas}: the TCP transport runs exactly one worker per stage (its "
+                "upstream connects to one port); add --transport redis for replicas"
+            )
+        if args.autoscale:
+            parser.error("--autoscale scales on the stages' Redis streams: add --transport redis")
+    autoscale = None
+    if args.autoscale:
+        try:
+            autoscale = config_from_args(args, stages)
+        except ValueError as exc:
+            parser.error(str(exc))
+        if args.replicas is None:  # start inside the bounds, with at least one replica to probe
+            counts = [min(p.max_replicas, max(p.min_replicas, 1)) for p in autoscale.stages]
+    return (None if args.replicas is None and not args.autoscale else tuple(counts)), autoscale
 
 
 def default_name(sliced_dir: Path) -> str:
@@ -81,10 +137,15 @@ def run(args: argparse.Namespace) -> int:
         from layerline.profile.cluster import load_cluster
 
         cluster = load_cluster(args.cluster)
+    elif args.testbed:
+        from layerline.profile.testbed_devices import running_testbed, testbed_cluster
+
+        cluster = testbed_cluster(running_testbed())
     from layerline.engines.placement import place
 
     for warning in place(target, cluster, args.threads).warnings:
         console.print(f"[yellow]warning:[/] {warning}")
+    replicas, autoscale = _replicas_and_autoscale(args, len(target.ranges))
     settings = DeploySettings(
         name=args.name or default_name(target.sliced_dir),
         host=args.host,
@@ -96,12 +157,16 @@ def run(args: argparse.Namespace) -> int:
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         transport=args.transport,
         redis_url=args.redis_url,
+        replicas=replicas,
+        autoscale=autoscale,
+        autoscale_metrics_port=args.as_metrics_port or 0,
     )
     if args.engine == "swarm":
         if cluster is not None:
+            option = "--testbed" if args.testbed else "--cluster"
             raise EngineError(
-                "--cluster places stages on devices of this machine; the swarm engine runs on swarm nodes: "
-                "drop --cluster or --engine swarm"
+                f"{option} places stages on devices of this machine; the swarm engine runs on swarm nodes: "
+                f"drop {option} or --engine swarm"
             )
         from layerline.engines.swarm import SwarmEngine
 

@@ -12,13 +12,16 @@ from collections.abc import Sequence
 
 from layerline import __version__
 from layerline.cli import (
+    autoscale_cmd,
     benchmark_cmd,
     configure_cmd,
     deploy_cmd,
     examples_cmd,
+    heal_cmd,
     image_cmd,
     predict_cmd,
     quickstart_cmd,
+    scale_cmd,
     slice_cmd,
     status_cmd,
     testbed_cmd,
@@ -47,10 +50,13 @@ COMMANDS = (
     deploy_cmd,
     predict_cmd,
     status_cmd,
+    scale_cmd,
+    autoscale_cmd,
     benchmark_cmd,
     configure_cmd,
     testbed_cmd,
     image_cmd,
+    heal_cmd,
 )
 
 

@@ -7,6 +7,7 @@ import argparse
 from rich.table import Table
 
 from layerline.cli.output import console, print_json
+from layerline.engines.state import parse_role
 from layerline.errors import EngineError
 
 __all__ = ["print_status", "register"]
@@ -76,11 +77,20 @@ def print_swarm_status(status) -> None:
 def print_status(status) -> None:
     state = status.state
     ready = "[green]ready[/]" if status.ready else f"[red]not ready[/] ({status.detail})"
-    console.print(f"[bold]{state.name}[/]  engine={state.engine}  {state.url}  {ready}")
+    testbed = state.extra.get("testbed") or {}
+    where = f"  testbed={testbed.get('id')}" if testbed else ""
+    auto = state.extra.get("autoscale")
+    if auto:
+        where += f"  autoscale={auto.get('metrics_url') or 'on'}"
+    console.print(f"[bold]{state.name}[/]  engine={state.engine}{where}  {state.url}  {ready}")
+    replicas = {r.stage: f"{r.running}/{r.desired}" for r in getattr(status, "replicas", ())}
     table = Table()
-    for col in ("process", "blocks", "device", "pid", "running", "health", "log"):
+    for col in ("process", "blocks", "device", "replicas", "pid", "running", "health", "log"):
         table.add_column(col)
-    devices = {f"stage{s['index']}": s.get("device", "local") for s in state.stages}
+    addresses = {
+        name: dev.get("address", "")
+        for name, dev in dict((state.extra.get("testbed") or {}).get("devices") or {}).items()
+    }
     for p in status.processes:
         if not p.blocks:
             blocks = ""
@@ -90,7 +100,13 @@ def print_status(status) -> None:
             blocks = f"{p.blocks[0]}–{p.blocks[1] - 1}"
         running = "[green]yes[/]" if p.running else "[red]no[/]"
         health = "[green]ready[/]" if p.health in ("ready", "serving") else f"[red]{p.health}[/]"
-        table.add_row(p.role, blocks, devices.get(p.role, ""), str(p.pid), running, health, p.log)
+        device = f"{p.device} ({addresses[p.device]})" if p.device in addresses else p.device
+        stage = parse_role(p.role)
+        count = replicas.get(stage[0], "") if stage else ""
+        table.add_row(p.role, blocks, device, count, str(p.pid), running, health, p.log)
+    for r in getattr(status, "replicas", ()):  # a stage scaled to zero has no process row
+        if r.running == 0 and not any((parse_role(p.role) or (-1,))[0] == r.stage for p in status.processes):
+            table.add_row(f"stage{r.stage}", "", "", f"0/{r.desired}", "", "", "no replica", "")
     console.print(table)
 
 

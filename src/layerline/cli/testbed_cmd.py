@@ -1,4 +1,4 @@
-"""``layerline testbed up|status|exec|down``: an emulated fleet of devices on this host (needs root)."""
+"""``layerline testbed up|status|exec|docker|down``: an emulated fleet of devices on this host (root)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ examples:
   sudo layerline testbed up examples/fleets/pis.yaml     three Pis on a 100 Mbit/10 ms link
   sudo layerline testbed status                          devices, addresses, limits, daemons
   sudo layerline testbed exec pi1 -- ip addr             run a command inside a device
+  sudo layerline testbed up examples/fleets/swarm-trio.yaml   three devices, one dockerd each, one swarm
+  sudo layerline testbed docker node1 -- node ls         the docker CLI against a device's dockerd
   sudo layerline testbed down                            remove everything the testbed created
 """
 
@@ -39,6 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("device")
     e.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     e.set_defaults(func=run_exec)
+    k = tsub.add_parser("docker", help="run the docker CLI against a swarm: true device's dockerd")
+    k.add_argument("device")
+    k.add_argument("cmd", nargs=argparse.REMAINDER, help="-- DOCKER ARGS... (e.g. -- node ls)")
+    k.set_defaults(func=run_docker)
     d = tsub.add_parser("down", help="remove everything the testbed created (safe to repeat)")
     d.set_defaults(func=run_down)
 
@@ -54,14 +60,17 @@ def run_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _daemon_cell(pid: int | None, running: bool | None) -> str:
+    if running is None:
+        return "-"
+    return f"{pid or '?'} " + ("ok" if running else "DEAD")
+
+
 def _print_status(st) -> None:
     table = Table()
     for col in ("device", "address", "netns", "cpu", "memory", "used", "link", "procs", "delayer"):
         table.add_column(col)
     for d in st.devices:
-        delayer = (
-            "-" if d.delayer_pid is None else f"{d.delayer_pid} " + ("ok" if d.delayer_running else "DEAD")
-        )
         table.add_row(
             d.name,
             d.address,
@@ -71,9 +80,19 @@ def _print_status(st) -> None:
             human_bytes(d.memory_usage),
             d.link,
             str(d.processes),
-            delayer,
+            _daemon_cell(d.delayer_pid, d.delayer_running),
         )
     console.print(table)
+    daemons = [d for d in st.devices if d.docker_host]
+    if not daemons:
+        return
+    swarm = Table(title="swarm (manager first)")
+    for col in ("device", "dockerd", "node", "DOCKER_HOST"):
+        swarm.add_column(col, overflow="fold")
+    for d in daemons:
+        node = " ".join(x for x in (d.node_state, d.node_availability, d.node_role) if x) or "?"
+        swarm.add_row(d.name, _daemon_cell(d.dockerd_pid, d.dockerd_running), node, d.docker_host)
+    console.print(swarm)
 
 
 def run_status(args: argparse.Namespace) -> int:
@@ -102,6 +121,23 @@ def run_exec(args: argparse.Namespace) -> int:
         raise TestbedError("no testbed is up; start one with `layerline testbed up FLEET.yaml`")
     argv = device_argv(state, args.device, cmd)
     os.execvp(argv[0], argv)
+    return 1  # not reached
+
+
+def run_docker(args: argparse.Namespace) -> int:
+    import shutil
+
+    from layerline.testbed import TestbedError, docker_host, load_state
+
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    state = load_state()
+    if state is None:
+        raise TestbedError("no testbed is up; start one with `layerline testbed up FLEET.yaml`")
+    host = docker_host(state, args.device)
+    binary = shutil.which("docker")
+    if binary is None:
+        raise TestbedError("the docker command is not installed; apt-get install -y docker.io")
+    os.execv(binary, [binary, "-H", host, *cmd])
     return 1  # not reached
 
 

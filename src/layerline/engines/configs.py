@@ -12,10 +12,22 @@ from layerline.engines.processes import free_port
 from layerline.engines.stages import DeployTarget
 from layerline.errors import FormatError, LayerlineError
 
-__all__ = ["GATEWAY_CONFIG_VERSION", "DeploymentFiles", "write_deployment_files"]
+__all__ = ["GATEWAY_CONFIG_VERSION", "DeploymentFiles", "Endpoints", "write_deployment_files"]
 
 GATEWAY_CONFIG_VERSION = 1
 LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where each stage worker listens (host, port) and where the gateway collects the last stage's results.
+
+    Each worker sends to the next stage's endpoint, the last one to ``result``. Default (no endpoints):
+    free loopback ports. On a testbed, each endpoint is on its device's address.
+    """
+
+    stages: tuple[tuple[str, int], ...]
+    result: tuple[str, int]
 
 
 @dataclass(frozen=True)
@@ -26,14 +38,19 @@ class DeploymentFiles:
 
 
 def write_deployment_files(
-    target: DeployTarget, settings: Any, workdir: Path, threads: Sequence[int] | None = None
+    target: DeployTarget,
+    settings: Any,
+    workdir: Path,
+    threads: Sequence[int] | None = None,
+    endpoints: Endpoints | None = None,
 ) -> DeploymentFiles:
     """Write stage ``i``'s merged graph and worker config, and the gateway's config, under ``workdir``.
 
     Stage ``i`` runs ``threads[i]`` onnxruntime threads (see :func:`layerline.engines.placement.place`);
     without ``threads``, ``settings.threads`` (1 when that is None).
 
-    Workers listen on free loopback ports; the last one sends its results to the gateway's result port.
+    Workers listen on ``endpoints`` (default: free loopback ports); the last one sends its results to the
+    gateway's result endpoint. The gateway listens on ``settings.host:settings.port``.
     With ``settings.transport == "redis"`` they consume from Redis at ``settings.redis_url`` instead
     (streams prefixed with the deployment's name) and the gateway talks to Redis only.
     """
@@ -46,8 +63,14 @@ def write_deployment_files(
     manifest = Manifest.load(target.sliced_dir)
     stage_dir = workdir / "stages"
     stage_dir.mkdir(parents=True, exist_ok=True)
-    ports = [free_port(LOOPBACK) for _ in target.ranges]
-    result_port = free_port(LOOPBACK)
+    if endpoints is None:
+        endpoints = Endpoints(
+            tuple((LOOPBACK, free_port(LOOPBACK)) for _ in target.ranges), (LOOPBACK, free_port(LOOPBACK))
+        )
+    if len(endpoints.stages) != len(target.ranges):
+        raise ValueError(f"{len(endpoints.stages)} endpoints for {len(target.ranges)} stages")
+    hops = [*endpoints.stages, endpoints.result]
+    ports = [port for _, port in endpoints.stages]
     configs = []
     for i, (start, stop) in enumerate(target.ranges):
         model_path = stage_dir / f"stage{i}.onnx"
@@ -67,13 +90,12 @@ def write_deployment_files(
             threads=threads[i] if threads is not None else (settings.threads or 1),
             exact=settings.exact,
         )
-        downstream = ports[i + 1] if i + 1 < len(ports) else result_port
         config = WorkerConfig(
             stage=spec,
-            listen_host=LOOPBACK,
-            listen_port=ports[i],
-            downstream_host=LOOPBACK,
-            downstream_port=downstream,
+            listen_host=hops[i][0],
+            listen_port=hops[i][1],
+            downstream_host=hops[i + 1][0],
+            downstream_port=hops[i + 1][1],
             queue_size=settings.queue_size,
             name=f"{settings.name}/stage{i}",
             **(
@@ -102,11 +124,11 @@ def write_deployment_files(
             "request_timeout_s": settings.request_timeout_s,
         },
         "pipeline": {
-            "host": LOOPBACK,
-            "port": ports[0],
+            "host": hops[0][0],
+            "port": hops[0][1],
             "stages": len(ports),
-            "result_host": LOOPBACK,
-            "result_port": result_port,
+            "result_host": endpoints.result[0],
+            "result_port": endpoints.result[1],
         },
     }
     if redis:

@@ -4,11 +4,13 @@
 onnxruntime thread count with the benchmark's own rule (so deployed stages run the way their blocks were
 profiled), and says where the gateway goes: on the plan's source device (requests come from there).
 
-For the ``local`` engine a device with ``cpu_quota`` becomes a cgroup v1 ``cpu`` group per deployment and
+For a ``local`` device with ``cpu_quota`` the engine makes a cgroup v1 ``cpu`` group per deployment and
 device, ``layerline-deploy-<deployment>-<device>``, with the same period as the benchmark's agents
 (:data:`layerline.profile.cgroup.PERIOD_US`) and ``cfs_quota_us = cpu_quota × period``; the stage's worker
 (and the gateway, on the source device) is moved into it right after it is spawned, before it has loaded
-its model (``cgroup.procs`` moves every thread; threads created later inherit the group).
+its model (``cgroup.procs`` moves every thread; threads created later inherit the group). A testbed
+device (``engine: testbed``) needs no group: its processes run inside the device, whose cgroups limit them
+(see :mod:`layerline.engines.on_testbed`).
 """
 
 from __future__ import annotations
@@ -59,10 +61,23 @@ class DevicePlacement:
     warnings: tuple[str, ...] = ()
 
     @property
+    def devices(self) -> tuple[DeviceSpec, ...]:
+        """The distinct devices used (stages, then the gateway's), in order."""
+        seen: dict[str, DeviceSpec] = {}
+        for d in [s.device for s in self.stages] + [self.gateway]:
+            seen.setdefault(d.name, d)
+        return tuple(seen.values())
+
+    @property
     def quotas(self) -> dict[str, float]:
-        """Device name → cpu_quota for the devices used here that have one."""
-        devices = [s.device for s in self.stages] + [self.gateway]
-        return {d.name: d.cpu_quota for d in devices if d.cpu_quota is not None}
+        """Device name → cpu_quota for the ``local`` devices used here that have one (the cpu groups this
+        engine makes; a testbed device's quota is its own cgroup's)."""
+        return {d.name: d.cpu_quota for d in self.devices if d.cpu_quota is not None and d.engine == "local"}
+
+    @property
+    def on_testbed(self) -> bool:
+        """Whether the devices are a running testbed's (``engine: testbed``)."""
+        return any(d.engine == "testbed" for d in self.devices)
 
 
 def benchmark_threads(device: DeviceSpec, cores: int | None = None) -> int:
@@ -98,7 +113,8 @@ def place(
             warnings.append(
                 f"the plan names device(s) {', '.join(labels)} but no cluster was given, so the devices are "
                 "labels only: every stage runs on this machine with no CPU limit; pass --cluster "
-                "CLUSTER.yaml (the file given to `layerline benchmark`) to run each stage on its device"
+                "CLUSTER.yaml (the file given to `layerline benchmark`), or --testbed for a plan of the "
+                "running testbed's devices, to run each stage on its device"
             )
         specs = [DeviceSpec(d) for d in target.devices]
         source = target.source_device or (target.devices[0] if target.devices else "local")

@@ -8,35 +8,64 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from layerline.runtime.ports import free_port, port_in_use
 
-__all__ = ["free_port", "is_running", "port_in_use", "spawn", "stop_processes", "tail"]
+__all__ = [
+    "find_processes",
+    "free_port",
+    "is_running",
+    "port_in_use",
+    "port_open",
+    "spawn",
+    "stop_processes",
+    "tail",
+]
 
 #: Every process the engine starts carries this in its command line, so that a recycled pid of some other
 #: program is never taken for ours (and never killed).
 MARKER = "layerline"
 
 
-def spawn(args: Sequence[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start ``python -m ...`` style ``args`` in its own session, stdout and stderr to ``log``."""
+def spawn(
+    args: Sequence[str],
+    log: Path,
+    env: dict[str, str] | None = None,
+    wrap: Callable[[list[str]], list[str]] | None = None,
+) -> subprocess.Popen:
+    """Start ``python -m ...`` style ``args`` in its own session, stdout and stderr to ``log``.
+
+    ``wrap`` turns the command into the argv actually run, one that ends by exec-ing the command in the
+    same process (``layerline.testbed.device_argv``: ``sh -c '... exec nsenter ... -- "$@"'``), so the pid
+    returned is the command's own. Returns once the command itself runs (its exec is done).
+    """
+    command = [sys.executable, *args]
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, *args],
+            wrap(command) if wrap is not None else command,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
             env={**os.environ, **(env or {})},
         )
-    # Until exec completes, /proc/PID/cmdline is empty and is_running() would call the new process dead.
+    # Until exec completes, /proc/PID/cmdline is the parent's copy (or empty) and is_running() could call
+    # the new process dead; a wrapper's own command line is not the command's either.
+    expected = b"\0".join(os.fsencode(a) for a in command) + b"\0"
     deadline = time.monotonic() + 5.0
-    while proc.poll() is None and MARKER not in _cmdline(proc.pid) and time.monotonic() < deadline:
+    while proc.poll() is None and _raw_cmdline(proc.pid) != expected and time.monotonic() < deadline:
         time.sleep(0.001)
     return proc
+
+
+def _raw_cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _cmdline(pid: int) -> str:
@@ -76,6 +105,36 @@ def stop_processes(pids: Sequence[int], timeout_s: float = 5.0) -> list[int]:
     while time.monotonic() < deadline and any(is_running(p) for p in ours):
         time.sleep(0.05)
     return ours
+
+
+def find_processes(fragment: str) -> list[int]:
+    """Pids of our processes (see :func:`is_running`) with an argument that contains ``fragment`` (a
+    deployment directory: what its workers' ``--config`` names), this process excluded."""
+    found = []
+    needle = os.fsencode(fragment)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        args = _raw_cmdline(int(entry.name)).split(b"\0")
+        if any(needle in a for a in args) and is_running(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+def port_open(host: str, port: int, timeout_s: float = 2.0) -> bool:
+    """True when something accepts connections on ``host:port`` (a listener on another machine or in a
+    testbed device, where :func:`port_in_use`'s bind test cannot tell); a timeout counts as open."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        try:
+            sock.connect((host, port))
+        except TimeoutError:
+            return True
+        except OSError:
+            return False
+    return True
 
 
 def tail(path: Path, lines: int = 20) -> str:

@@ -1,4 +1,9 @@
-"""Starting local profiling agents and talking to them (controller side)."""
+"""Starting profiling agents and talking to them (controller side).
+
+An agent is launched per engine (``local``: a process of this machine, optionally in a cpu cgroup;
+``testbed``: a process inside a testbed device), binds port 0 and reports its port through a file; waiting
+for it, connecting and cleaning up are the same for every engine.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from layerline.errors import EngineError, TransportError
 from layerline.profile.blocks import ChainPlan
@@ -18,7 +23,21 @@ from layerline.profile.cgroup import apply_cpu_quota, check_cpu_quota, remove_cg
 from layerline.profile.cluster import DeviceSpec
 from layerline.profile.wire import Channel, connect
 
-__all__ = ["AgentClient", "AgentHandle", "start_local_agent", "stop_agent"]
+if TYPE_CHECKING:
+    from layerline.profile.overhead import HopOverhead
+    from layerline.testbed.state import TestbedState
+
+__all__ = [
+    "AgentClient",
+    "AgentHandle",
+    "AgentLaunch",
+    "await_agent",
+    "discard_launch",
+    "launch_agent",
+    "start_agent",
+    "start_local_agent",
+    "stop_agent",
+]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +77,13 @@ class AgentClient:
                 continue
             return list(reply["results"])
 
+    def hop_overhead(self, repeats: int = 200, warmup: int = 20) -> HopOverhead:
+        """Have the agent time a real stage hop on its device (see :mod:`layerline.profile.overhead`)."""
+        from layerline.profile.overhead import HopOverhead
+
+        reply = self.ch.call({"op": "hop_overhead", "repeats": repeats, "warmup": warmup})[0]
+        return HopOverhead.from_json(reply["hop_overhead"])
+
     def link_test(self, host: str, port: int, pings: int, sizes: list[int], repeats: int) -> dict[str, Any]:
         """Ask this agent to measure its link to the agent listening at ``host:port``."""
         msg = {
@@ -78,7 +104,7 @@ class AgentClient:
 
 @dataclass
 class AgentHandle:
-    """A started agent: where it listens, its process (local engine) and cgroup, its client."""
+    """A started agent: where it listens, its process and cgroup (local quota), its client."""
 
     device: DeviceSpec
     host: str
@@ -89,6 +115,152 @@ class AgentHandle:
     log_path: Path | None = None
 
 
+@dataclass
+class AgentLaunch:
+    """An agent process just spawned, not yet answering: where it will listen and report its port."""
+
+    device: DeviceSpec
+    host: str
+    proc: subprocess.Popen
+    port_file: Path
+    log_path: Path
+    cgroup: Path | None = None
+
+
+def launch_agent(
+    device: DeviceSpec,
+    workdir: Path,
+    cgroup_root: Path | None = None,
+    testbed: TestbedState | None = None,
+) -> AgentLaunch:
+    """Spawn ``device``'s agent, listening on any free port of the device's address.
+
+    ``local``: a process of this machine on 127.0.0.1, moved into a cpu cgroup when the device has a
+    quota. ``testbed``: a process inside the testbed device (its cgroups and network namespace, through
+    :func:`layerline.testbed.device_argv`) on the device's address; ``testbed`` defaults to the running one.
+    The agent binds port 0 and writes the port it got to a file (robust against concurrent runs: nothing
+    picks a port for it).
+    """
+    from layerline.engines.processes import spawn
+
+    wrap = None
+    if device.engine == "local":
+        if device.cpu_quota is not None:
+            check_cpu_quota(device.name, device.cpu_quota, cgroup_root)
+        host = "127.0.0.1"
+    elif device.engine == "testbed":
+        from layerline.profile.testbed_devices import check_testbed_alive, running_testbed
+
+        state = testbed or running_testbed()
+        check_testbed_alive(state)
+        record = state.device(device.name)
+        if record.address != device.address:
+            raise EngineError(
+                f"device {device.name!r} has address {device.address} but testbed {state.testbed_id} gives "
+                f"it {record.address}; re-read the cluster against the running testbed"
+            )
+        host = record.address
+        wrap = _device_wrapper(state, device.name)
+    else:
+        raise EngineError(
+            f"device {device.name!r}: engine {device.engine!r} cannot start agents; use 'local' or 'testbed'"
+        )
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / f"agent-{device.name}.log"
+    port_file = workdir / f"agent-{device.name}.port"
+    port_file.unlink(missing_ok=True)
+    args = ["-m", "layerline.profile.agent", "--listen", f"{host}:0", "--name", device.name]
+    proc = spawn([*args, "--port-file", str(port_file)], log_path, wrap=wrap)
+    launch = AgentLaunch(device, host, proc, port_file, log_path)
+    if device.engine == "local" and device.cpu_quota is not None:
+        try:
+            launch.cgroup = apply_cpu_quota(device.name, device.cpu_quota, proc.pid, cgroup_root)
+        except BaseException:
+            discard_launch(launch)
+            raise
+    return launch
+
+
+def _device_wrapper(state: TestbedState, device: str) -> Callable[[list[str]], list[str]]:
+    from layerline.testbed import device_argv
+
+    return lambda argv: device_argv(state, device, argv)
+
+
+def _read_port(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def await_agent(
+    launch: AgentLaunch, timeout_s: float = 30.0, request_timeout_s: float = 300.0
+) -> AgentHandle:
+    """Wait until the launched agent reports its port and accepts a connection; stop it on failure.
+
+    EngineError naming the device (and the end of its log) when it exits or does not answer in time.
+    """
+    from layerline.engines.processes import tail
+
+    device, proc = launch.device, launch.proc
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise EngineError(
+                    f"the agent of device {device.name!r} exited with code {proc.returncode}: "
+                    f"{tail(launch.log_path, 5) or '(no output)'}"
+                )
+            port = _read_port(launch.port_file)
+            if port is not None:
+                try:
+                    client = AgentClient.connect(device.name, launch.host, port, timeout_s=request_timeout_s)
+                    break
+                except TransportError:
+                    pass
+            if time.monotonic() > deadline:
+                where = f"{launch.host}:{port}" if port is not None else f"{launch.host} (no port reported)"
+                raise EngineError(
+                    f"the agent of device {device.name!r} did not answer on {where} within "
+                    f"{timeout_s:.0f} s; its log: {tail(launch.log_path, 5) or '(empty)'}"
+                )
+            time.sleep(0.05)
+    except BaseException:
+        discard_launch(launch)
+        raise
+    launch.port_file.unlink(missing_ok=True)
+    return AgentHandle(device, launch.host, port, client, proc, launch.cgroup, launch.log_path)
+
+
+def discard_launch(launch: AgentLaunch) -> None:
+    """Stop a launched agent that will not be used, and remove its cgroup."""
+    from layerline.engines.processes import stop_processes
+
+    stop_processes([launch.proc.pid])
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        launch.proc.wait(1.0)
+    if launch.cgroup is not None:
+        remove_cgroup(launch.cgroup)
+    launch.port_file.unlink(missing_ok=True)
+
+
+def start_agent(
+    device: DeviceSpec,
+    workdir: Path,
+    timeout_s: float = 30.0,
+    request_timeout_s: float = 300.0,
+    cgroup_root: Path | None = None,
+    testbed: TestbedState | None = None,
+) -> AgentHandle:
+    """Start ``device``'s agent (:func:`launch_agent`) and wait until it answers (:func:`await_agent`).
+
+    Raises EngineError naming the device when it cannot start or does not answer within ``timeout_s``.
+    """
+    return await_agent(launch_agent(device, workdir, cgroup_root, testbed), timeout_s, request_timeout_s)
+
+
 def start_local_agent(
     device: DeviceSpec,
     workdir: Path,
@@ -96,52 +268,12 @@ def start_local_agent(
     request_timeout_s: float = 300.0,
     cgroup_root: Path | None = None,
 ) -> AgentHandle:
-    """Start ``device``'s agent on a free loopback port (in its cpu cgroup if it has a quota).
-
-    Raises EngineError naming the device when it cannot start or does not answer within ``timeout_s``.
-    """
-    from layerline.engines.processes import free_port, spawn, stop_processes, tail
-
+    """Start a ``local`` device's agent on a free loopback port (in its cpu cgroup if it has a quota)."""
     if device.engine != "local":
         raise EngineError(
-            f"device {device.name!r}: engine {device.engine!r} cannot start agents; use 'local'"
+            f"device {device.name!r}: engine {device.engine!r} is not local; use start_agent for it"
         )
-    if device.cpu_quota is not None:
-        check_cpu_quota(device.name, device.cpu_quota, cgroup_root)
-    port = free_port("127.0.0.1")
-    log_path = workdir / f"agent-{device.name}.log"
-    proc = spawn(
-        ["-m", "layerline.profile.agent", "--listen", f"127.0.0.1:{port}", "--name", device.name], log_path
-    )
-    cgroup = None
-    try:
-        if device.cpu_quota is not None:
-            cgroup = apply_cpu_quota(device.name, device.cpu_quota, proc.pid, cgroup_root)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise EngineError(
-                    f"the agent of device {device.name!r} exited with code {proc.returncode}: "
-                    f"{tail(log_path, 5) or '(no output)'}"
-                )
-            try:
-                client = AgentClient.connect(device.name, "127.0.0.1", port, timeout_s=request_timeout_s)
-                break
-            except TransportError:
-                if time.monotonic() > deadline:
-                    raise EngineError(
-                        f"the agent of device {device.name!r} did not answer on 127.0.0.1:{port} within "
-                        f"{timeout_s:.0f} s; its log: {tail(log_path, 5) or '(empty)'}"
-                    ) from None
-                time.sleep(0.05)
-    except BaseException:
-        stop_processes([proc.pid])
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(1.0)
-        if cgroup is not None:
-            remove_cgroup(cgroup)
-        raise
-    return AgentHandle(device, "127.0.0.1", port, client, proc, cgroup, log_path)
+    return start_agent(device, workdir, timeout_s, request_timeout_s, cgroup_root)
 
 
 def stop_agent(handle: AgentHandle) -> None:

@@ -1,7 +1,8 @@
 """The cluster description: which devices to profile and deploy on (``--cluster cluster.yaml``).
 
 See ``docs/profile.md`` for the YAML layout. Without a file, :func:`default_cluster` is one device,
-``local``: this machine, no CPU quota.
+``local``: this machine, no CPU quota. Devices with ``engine: testbed`` are devices of the running emulated
+testbed (:mod:`layerline.profile.testbed_devices`): their address and CPU quota come from it.
 """
 
 from __future__ import annotations
@@ -11,15 +12,18 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from layerline.errors import FormatError
 
+if TYPE_CHECKING:
+    from layerline.testbed.state import TestbedState
+
 __all__ = ["ENGINES", "Cluster", "DeviceSpec", "default_cluster", "load_cluster", "parse_cluster"]
 
-ENGINES = ("local",)
+ENGINES = ("local", "testbed")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _DEVICE_KEYS = {"name", "engine", "address", "labels", "cpu_quota", "memory_bytes"}
 _FIX = "see docs/profile.md for the cluster file layout"
@@ -53,9 +57,13 @@ class DeviceSpec:
 
 @dataclass(frozen=True)
 class Cluster:
-    """An ordered set of devices with unique names."""
+    """An ordered set of devices with unique names.
+
+    ``testbed``: the running testbed its ``engine: testbed`` devices belong to (None when it has none).
+    """
 
     devices: tuple[DeviceSpec, ...]
+    testbed: TestbedState | None = field(default=None, compare=False, repr=False)
 
     def device(self, name: str) -> DeviceSpec:
         for d in self.devices:
@@ -93,8 +101,15 @@ def _device(raw: Any, node: Any, index: int, source: str) -> DeviceSpec:
     engine = raw.get("engine", "local")
     if engine not in ENGINES:
         raise FormatError(f"{at}: device {name!r} has engine {engine!r}; supported engines: {list(ENGINES)}")
-    address = raw.get("address", "127.0.0.1")
-    if not isinstance(address, str) or not address:
+    if engine == "testbed" and "cpu_quota" in raw:
+        raise FormatError(
+            f"{at}: device {name!r} runs on the testbed, whose fleet file sets its CPU (cpu:); remove "
+            "cpu_quota from the cluster file (the device's quota is taken from the running testbed)"
+        )
+    address = raw.get("address", "127.0.0.1" if engine == "local" else None)
+    if engine == "testbed" and address is None:
+        address = ""  # filled in from the testbed
+    if not isinstance(address, str) or (not address and engine == "local"):
         raise FormatError(f"{at}: device {name!r} address must be a host name or IP, got {address!r}")
     if engine == "local" and address not in ("127.0.0.1", "localhost"):
         raise FormatError(
@@ -130,8 +145,12 @@ def _device(raw: Any, node: Any, index: int, source: str) -> DeviceSpec:
     )
 
 
-def parse_cluster(text: str, source: str = "<cluster>") -> Cluster:
-    """Parse cluster YAML; FormatError naming ``source`` and the line of the problem."""
+def parse_cluster(text: str, source: str = "<cluster>", testbed: TestbedState | None = None) -> Cluster:
+    """Parse cluster YAML; FormatError naming ``source`` and the line of the problem.
+
+    ``engine: testbed`` devices are resolved against ``testbed`` (default: the running testbed, see
+    :func:`layerline.profile.testbed_devices.running_testbed`).
+    """
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -155,14 +174,45 @@ def parse_cluster(text: str, source: str = "<cluster>") -> Cluster:
         if d.name in seen:
             raise FormatError(f"{_where(n, source)}: device name {d.name!r} appears twice; names are unique")
         seen.add(d.name)
-    return Cluster(tuple(devices))
+    return _resolve_testbed(devices, nodes, source, testbed)
 
 
-def load_cluster(path: str | Path) -> Cluster:
+def _resolve_testbed(
+    devices: list[DeviceSpec], nodes: list[Any], source: str, testbed: TestbedState | None
+) -> Cluster:
+    """Fill in the address and quota of ``engine: testbed`` devices from the testbed."""
+    on_testbed = [d.name for d in devices if d.engine == "testbed"]
+    if not on_testbed:
+        return Cluster(tuple(devices))
+    local = [d.name for d in devices if d.engine != "testbed"]
+    if local:
+        raise FormatError(
+            f"{source}: devices {on_testbed} use engine 'testbed' and {local} engine 'local'; a cluster "
+            "uses one of them (the testbed's devices cannot reach agents on this machine's loopback): "
+            "put the testbed's devices in a cluster file of their own"
+        )
+    from layerline.profile.testbed_devices import running_testbed, testbed_device
+
+    state = testbed or running_testbed()
+    resolved = [
+        testbed_device(
+            state,
+            d.name,
+            address=d.address or None,
+            labels=d.labels,
+            memory_bytes=d.memory_bytes,
+            where=_where(n, source),
+        )
+        for d, n in zip(devices, nodes, strict=True)
+    ]
+    return Cluster(tuple(resolved), testbed=state)
+
+
+def load_cluster(path: str | Path, testbed: TestbedState | None = None) -> Cluster:
     """Read a cluster YAML file (FormatError naming the file and line on a problem)."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise FormatError(f"cannot read cluster file {p}: {exc.strerror or exc}; {_FIX}") from None
-    return parse_cluster(text, str(p))
+    return parse_cluster(text, str(p), testbed)

@@ -1,8 +1,9 @@
 """``layerline benchmark``: drive one agent per device, time blocks, measure links, build the profile.
 
-[Note: what runs in parallel] Agents of the local engine share this machine's cores, so two of them timing
-blocks at once would slow each other down: devices are measured one after the other, and links one pair at
-a time (a transfer must not compete with another). The progress display still shows one bar per device.
+[Note: what runs in parallel] Agents of the local engine (and the testbed's devices) share this machine's
+cores, so two of them timing blocks at once would slow each other down: devices are measured one after the
+other, and links one pair at a time (a transfer must not compete with another). Only the agents' start-up
+(imports, no measurement) overlaps. The progress display still shows one bar per device.
 
 [Note: incremental] With a previous profile of the same manifest (same sha256), a device whose engine,
 address and cpu_quota are unchanged and that has every requested (block, batch) keeps its measurements;
@@ -26,7 +27,15 @@ from typing import Protocol
 from layerline import __version__
 from layerline.errors import LayerlineError
 from layerline.graph.manifest import MANIFEST_FILE, Manifest
-from layerline.profile.agents import AgentClient, AgentHandle, start_local_agent, stop_agent
+from layerline.profile.agents import (
+    AgentClient,
+    AgentHandle,
+    AgentLaunch,
+    await_agent,
+    discard_launch,
+    launch_agent,
+    stop_agent,
+)
 from layerline.profile.blocks import ChainBlock, ChainPlan
 from layerline.profile.cluster import Cluster, DeviceSpec
 from layerline.profile.format import (
@@ -161,12 +170,17 @@ def measure_link(
     return link_from_samples(src, dst, raw, sizes)
 
 
-def _block_sources(manifest: Manifest, sliced: Path) -> dict[int, bytes | str]:
-    """Bytes for self-contained blocks; an absolute path where the weights are external data."""
+#: Engines whose agents run on this machine's filesystem: they are given block files by path (no copy of
+#: the weights over a socket, let alone over a testbed device's emulated link).
+_SAME_FILESYSTEM = ("local", "testbed")
+
+
+def _block_sources(manifest: Manifest, sliced: Path, by_path: bool) -> dict[int, bytes | str]:
+    """Absolute block file paths (``by_path``, or weights in external data), else the files' bytes."""
     out: dict[int, bytes | str] = {}
     for b in manifest.blocks:
         path = (sliced / b.file).resolve()
-        out[b.index] = str(path) if (manifest.external_data or b.data_file) else path.read_bytes()
+        out[b.index] = str(path) if (by_path or manifest.external_data or b.data_file) else path.read_bytes()
     return out
 
 
@@ -175,6 +189,8 @@ def _reusable(prev: Profile | None, spec: DeviceSpec, manifest: Manifest, opts: 
         return False
     old = prev.device(spec.name)
     if old is None or (old.engine, old.address, old.cpu_quota) != (spec.engine, spec.address, spec.cpu_quota):
+        return False
+    if old.hop_overhead_s is None:  # a profile from before hop overheads: measure it once
         return False
     return all(
         prev.block(spec.name, b.index, n) is not None for b in manifest.blocks for n in opts.batch_sizes
@@ -192,6 +208,11 @@ def _measure_device(handle: AgentHandle, manifest: Manifest, sources, opts, prog
     results = handle.client.profile(
         plan, None if progress is None else (lambda d, t: progress.update(spec.name, d, t))
     )
+    try:
+        hop: float | None = handle.client.hop_overhead().for_planning(spec.cpu_quota)
+    except (LayerlineError, KeyError, ValueError) as exc:  # an older agent: plan without it
+        log.warning("device %s: no hop overhead measured: %s", spec.name, exc)
+        hop = None
     now = time.time()
     device = DeviceProfile(
         spec.name,
@@ -205,6 +226,7 @@ def _measure_device(handle: AgentHandle, manifest: Manifest, sources, opts, prog
         now,
         str(info["onnxruntime"]),
         dict(spec.labels),
+        hop,
     )
     blocks = []
     for r in results:
@@ -281,17 +303,24 @@ def run_benchmark(
 
     workdir = Path(tempfile.mkdtemp(prefix="layerline-agents-"))
     handles: dict[str, AgentHandle] = {}
-    sources = _block_sources(manifest, sliced) if len(keep) < len(names) else {}
+    by_path = all(d.engine in _SAME_FILESYSTEM for d in cluster.devices)
+    sources = _block_sources(manifest, sliced, by_path) if len(keep) < len(names) else {}
+    launches: dict[str, AgentLaunch] = {}
     try:
-        for d in needed:
+        for d in needed:  # spawn every agent first: their start-ups (imports) overlap
             try:
-                handles[d.name] = start_local_agent(
-                    d, workdir, opts.start_timeout_s, opts.request_timeout_s, opts.cgroup_root
-                )
+                launches[d.name] = launch_agent(d, workdir, opts.cgroup_root, cluster.testbed)
             except (LayerlineError, OSError) as exc:
                 failures.append(Failure(d.name, "agent", str(exc)))
                 if progress is not None:
                     progress.finish(d.name, False, "agent failed")
+        for name in list(launches):
+            try:
+                handles[name] = await_agent(launches.pop(name), opts.start_timeout_s, opts.request_timeout_s)
+            except (LayerlineError, OSError) as exc:
+                failures.append(Failure(name, "agent", str(exc)))
+                if progress is not None:
+                    progress.finish(name, False, "agent failed")
         for d in cluster.devices:
             if d.name in keep or d.name not in handles:
                 continue
@@ -331,6 +360,8 @@ def run_benchmark(
         if pairs and progress is not None:
             progress.finish("links", not any(f.what.startswith("link:") for f in failures))
     finally:
+        for launch in launches.values():  # launched but never awaited (interrupted)
+            discard_launch(launch)
         for h in handles.values():
             try:
                 stop_agent(h)

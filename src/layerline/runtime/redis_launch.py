@@ -1,9 +1,11 @@
 """Start stage workers that consume from Redis Streams on this machine (tests, benchmarks).
 
-``start_redis_chain(specs, url)`` starts one ``python -m layerline.runtime.worker`` per stage with the
-redis transport and returns a :class:`~layerline.runtime.launch.LocalChain` (``kill``, ``restart``,
-``stop``). A restarted worker is a new process, hence a new consumer name: it takes over what its
-predecessor left pending once that has been idle ``claim_idle_ms``.
+``start_redis_chain(specs, url, replicas=[1, 2, 1])`` starts ``replicas[i]`` processes of
+``python -m layerline.runtime.worker`` per stage with the redis transport and returns a
+:class:`~layerline.runtime.launch.LocalChain` (``kill``, ``restart``, ``stop``, and the
+:class:`~layerline.runtime.scaling.ReplicaScaler` methods ``scale``/``replicas``). Every replica (and a
+restarted worker) is a new process, hence a new consumer name (``hostname-pid``): replicas of a stage
+share its work, and one takes over what another left pending once that has been idle ``claim_idle_ms``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from layerline.runtime.launch import LocalChain, launch_chain
+from layerline.runtime.redis_entries import DEFAULT_BLOB_MIN_BYTES
 from layerline.runtime.stagespec import StageSpec
 from layerline.runtime.worker import DEFAULT_INLINE_BELOW_MS, WorkerConfig
 
@@ -30,8 +33,10 @@ def start_redis_chain(
     workdir: str | Path | None = None,
     log_level: str = "INFO",
     inline_below_ms: float = DEFAULT_INLINE_BELOW_MS,
+    blob_min_bytes: int = DEFAULT_BLOB_MIN_BYTES,
+    replicas: Sequence[int] | None = None,
 ) -> LocalChain:
-    """One redis-transport worker process per stage; returns once every worker consumes."""
+    """``replicas[i]`` (default 1) redis-transport worker processes per stage; returns once all consume."""
     if not specs:
         raise ValueError("start_redis_chain needs at least one stage")
     configs = [
@@ -45,6 +50,7 @@ def start_redis_chain(
             stages=len(specs),
             claim_idle_ms=claim_idle_ms,
             max_retries=max_retries,
+            blob_min_bytes=blob_min_bytes,
         )
         for spec in specs
     ]
@@ -56,4 +62,5 @@ def start_redis_chain(
         log_level=log_level,
         timeout_s=timeout_s,
         prefix="layerline-redis-",
+        replicas=replicas,
     )

@@ -1,13 +1,23 @@
 """Start a private ``redis-server`` on a loopback port (tests, benchmarks, ``deploy --redis auto``).
 
-The server keeps nothing on disk (``--save ""``, ``--appendonly no``): if it dies, every queued request
-is lost (see ``docs/redis.md``). Its process title carries ``layerline`` so that the local engine's
-process checks (``layerline.engines.processes.is_running``) recognise it as one of its own.
+By default the server keeps nothing on disk (``--save ""``, ``--appendonly no``): if it dies, every
+queued request is lost (see ``docs/redis.md``). ``appendonly=True`` keeps an append-only file in
+``workdir`` (``appendfsync``: ``always`` loses nothing acknowledged even if the server is killed,
+``everysec`` up to about a second of writes), so a server started again on the same ``workdir`` has
+its streams back. Its process title carries ``layerline`` so that the local engine's process checks
+(``layerline.engines.processes.is_running``) recognise it as one of its own.
+
+[Note: allocator] The server runs with ``MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1`` (unless the
+environment sets ``MALLOC_CONF``): jemalloc keeps freed pages instead of returning them to the OS, so a
+large blob does not fault thousands of fresh pages in on every hop. A 12.8 MB round trip through one
+stage took 15–16 ms with it and 37 ms without (bench/bench_redis_hop.py, docs/performance.md); the
+cost is that the server's resident memory stays at its peak (the most blobs in flight at once).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -75,11 +85,15 @@ def start_redis_server(
     host: str = "127.0.0.1",
     timeout_s: float = 10.0,
     new_session: bool = False,
+    appendonly: bool = False,
+    appendfsync: str = "everysec",
 ) -> RedisServer:
-    """Start ``redis-server`` on ``host:port`` with no persistence, files and log in ``workdir``.
+    """Start ``redis-server`` on ``host:port``, files and log in ``workdir`` (see the module docstring).
 
     ``new_session`` detaches it from this process's session (the local engine's background processes).
     """
+    if appendfsync not in ("always", "everysec", "no"):
+        raise ValueError(f"appendfsync must be always, everysec or no; got {appendfsync!r}")
     binary = redis_server_binary()
     if binary is None:
         raise EngineError(
@@ -98,7 +112,9 @@ def start_redis_server(
         "--save",
         "",
         "--appendonly",
-        "no",
+        "yes" if appendonly else "no",
+        "--appendfsync",
+        appendfsync,
         "--dir",
         str(workdir),
         "--logfile",
@@ -110,8 +126,11 @@ def start_redis_server(
         "--proc-title-template",
         "layerline-redis {listen-addr}",
     ]
+    env = dict(os.environ)
+    env.setdefault("MALLOC_CONF", "dirty_decay_ms:-1,muzzy_decay_ms:-1")
     proc = subprocess.Popen(
         args,
+        env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -1,25 +1,30 @@
 """The Redis Streams transport: a stage's Inbox/Outbox over a broker (see ``docs/redis.md``).
 
 Keys, for a deployment's ``prefix``: ``<prefix>:s<k>`` is stage k's input stream, read by the consumer
-group ``stage<k>``; every replica of stage k is one consumer of that group (competing consumers). Each
-entry holds one encoded frame (``f``, the bytes of :mod:`layerline.runtime.framing`), the request id
-(``rid``), the gateway's reply stream (``reply``) and the absolute deadline (``dl``, Unix seconds).
-The last stage writes its result to the entry's reply stream; errors go there directly from any stage.
+group ``stage<k>``; every replica of stage k is one consumer of that group (competing consumers). Entries
+are described in :mod:`layerline.runtime.redis_entries` (small frames inline, large ones as blobs). The
+last stage writes its result to the entry's reply stream; errors go there directly from any stage.
 
 [Note: hand-off] A replica acknowledges an entry only in the same atomic step (one Lua script) that adds
-its result to the next stream: ``SET <prefix>:done:<k>:<rid> NX`` → ``XADD`` next → ``XACK`` → ``XDEL``.
-A replica that dies before that step leaves the entry pending; another replica takes it over with
-``XAUTOCLAIM`` once it has been idle ``claim_idle_ms``. The ``done`` key makes the hand-off idempotent
-per (stage, request): a duplicate delivery (a slow replica whose entry was reclaimed) is acknowledged
-without a second write. While a replica holds entries (queued or computing) it renews them every
-``claim_idle_ms / 4`` with ``XCLAIM … JUSTID`` (which resets the idle time without counting a delivery),
-so a long computation is not taken over.
+its result to the next stream: ``SET <prefix>:done:<k>:<rid> NX`` → ``XADD`` next → ``XACK`` → ``XDEL``
+(→ ``UNLINK`` of the entry's blob). A large result's blob is written by a ``SET`` sent in the same round
+trip just before the script; a script that finds the hand-off already done deletes it again. A replica
+that dies before the script leaves the entry pending; another replica takes it over with ``XAUTOCLAIM``
+once it has been idle ``claim_idle_ms``. The ``done`` key makes the hand-off idempotent per (stage,
+request): a duplicate delivery (a slow replica whose entry was reclaimed) is acknowledged without a second
+write. While a replica holds entries (queued or computing) it renews them every ``claim_idle_ms / 4``
+with ``XCLAIM … JUSTID`` (which resets the idle time without counting a delivery), so a long computation
+is not taken over. A hand-off that fails because the connection broke is retried (it is idempotent)
+until the entry's deadline.
 
-[Note: retries] A failure that may be transient (onnxruntime error, broker write failed) leaves the entry
-pending and records the error in ``<prefix>:err:<k>:<rid>``; it is retried when reclaimed. An entry
-delivered more than ``1 + max_retries`` times is moved to ``<prefix>:dead`` with the last error, and the
-gateway gets an ERROR (code ``compute``). Failures that cannot improve (bad request, deadline) are
-answered at once. The ``redis`` package is imported only by this module and ``redis_pipeline``.
+[Note: retries] A failure that may be transient (onnxruntime error) leaves the entry pending and records
+the error in ``<prefix>:err:<k>:<rid>``; it is retried when reclaimed. An entry delivered more than
+``1 + max_retries`` times is moved to ``<prefix>:dead`` with the last error, and the gateway gets an ERROR
+(code ``compute``). Failures that cannot improve (bad request, deadline) are answered at once.
+
+[Note: stopping] SIGTERM drains: the replica stops taking entries, finishes and hands on those it holds
+(at most its queue plus the read-ahead), then exits; after ``drain_timeout_s`` (or a second signal) it
+hands back what is left (``XCLAIM … IDLE``: the other replicas take it over at their next claim round).
 """
 
 from __future__ import annotations
@@ -32,14 +37,26 @@ import os
 import socket
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
-
-from layerline.errors import StageUnavailable, TransportError
-from layerline.runtime.framing import DEFAULT_MAX_FRAME_BYTES, ErrorInfo, Frame, Kind, decode, encode
+from layerline.errors import ProtocolError, StageUnavailable, TransportError
+from layerline.runtime.framing import DEFAULT_MAX_FRAME_BYTES, ErrorInfo, Frame, Kind, decode
+from layerline.runtime.redis_entries import (
+    DEFAULT_BLOB_MIN_BYTES,
+    FINISH_LUA,
+    LEAVE_LUA,
+    Entry,
+    StreamKeys,
+    blob_ttl_ms,
+    ensure_group,
+    entry_args,
+    frame_align,
+    frame_chunks,
+    parse_entry,
+    sync_epoch,
+)
+from layerline.runtime.redis_resp import RespConnection, RespError
 from layerline.runtime.transport import (
     BackwardHandler,
     ConnectionClosed,
@@ -48,132 +65,12 @@ from layerline.runtime.transport import (
     UpstreamHandler,
 )
 
-__all__ = [
-    "RedisStageLink",
-    "StreamKeys",
-    "connect",
-    "encode_entry",
-    "ensure_group",
-    "finish_script",
-]
+__all__ = ["RedisInbox", "RedisOutbox", "RedisStageLink"]
 
 log = logging.getLogger(__name__)
 
-#: KEYS: source stream, done key, destination streams…; ARGV: group, entry id, done TTL (ms), then for
-#: each destination the number of XADD arguments followed by them. Returns 1 when it wrote, else 0.
-_FINISH_LUA = """
-local written = 0
-if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[3]) then
-  local a = 4
-  for k = 3, #KEYS do
-    local n = tonumber(ARGV[a])
-    redis.call('XADD', KEYS[k], unpack(ARGV, a + 1, a + n))
-    a = a + n + 1
-  end
-  written = 1
-end
-if ARGV[2] ~= '' then
-  redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-  redis.call('XDEL', KEYS[1], ARGV[2])
-end
-return written
-"""
-
 _RETRYABLE = frozenset({"compute", "unavailable"})
-
-
-@dataclass(frozen=True)
-class StreamKeys:
-    """The key names of one deployment (``prefix``)."""
-
-    prefix: str = "layerline"
-
-    def stage(self, k: int) -> str:
-        return f"{self.prefix}:s{k}"
-
-    def group(self, k: int) -> str:
-        return f"stage{k}"
-
-    def done(self, k: int, rid: int) -> str:
-        return f"{self.prefix}:done:{k}:{rid}"
-
-    def error(self, k: int, rid: int) -> str:
-        return f"{self.prefix}:err:{k}:{rid}"
-
-    def consumers(self, k: int) -> str:
-        """The set of consumer names that ever served stage k."""
-        return f"{self.prefix}:consumers:{k}"
-
-    def alive(self, k: int, consumer: str) -> str:
-        """Exists (with a TTL) while that consumer's process is alive."""
-        return f"{self.prefix}:alive:{k}:{consumer}"
-
-    @property
-    def dead(self) -> str:
-        return f"{self.prefix}:dead"
-
-    @property
-    def gateways(self) -> str:
-        return f"{self.prefix}:gateways"
-
-    def reply(self, gateway: int) -> str:
-        return f"{self.prefix}:reply:{gateway}"
-
-
-def connect(url: str, max_connections: int = 8) -> aioredis.Redis:
-    """An asyncio client over at most ``max_connections`` (more concurrent commands wait for one).
-
-    No socket timeout: a blocking read must not be cut and silently re-issued (redis-py's default).
-    """
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=None, socket_timeout=None, socket_connect_timeout=5.0
-    )
-    return aioredis.Redis(connection_pool=pool)
-
-
-def finish_script(client: aioredis.Redis) -> Any:
-    return client.register_script(_FINISH_LUA)
-
-
-async def ensure_group(client: aioredis.Redis, stream: str, group: str) -> None:
-    """Create ``group`` on ``stream`` (and the stream) reading from the start; no-op if it exists."""
-    try:
-        await client.xgroup_create(stream, group, id="0", mkstream=True)
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
-
-
-def encode_entry(
-    frame: Frame, reply: str, deadline_wall: float | None, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
-) -> list[bytes | str]:
-    """The XADD arguments (``*`` and field/value pairs) of one entry carrying ``frame``."""
-    data = b"".join(encode(frame, max_frame_bytes, budget_ms=None))
-    args: list[bytes | str] = ["*", "f", data, "rid", str(frame.request_id), "reply", reply]
-    if deadline_wall is not None:
-        args += ["dl", repr(deadline_wall)]
-    return args
-
-
-@dataclass(eq=False)
-class _Entry:
-    entry_id: str
-    rid: int
-    reply: str
-    deadline_wall: float | None
-    data: bytes
-
-
-def _parse_entry(entry_id: Any, fields: dict) -> _Entry:
-    eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-    dl = fields.get(b"dl")
-    return _Entry(
-        eid,
-        int(fields.get(b"rid", b"0")),
-        fields.get(b"reply", b"").decode(),
-        None if dl is None else float(dl),
-        fields.get(b"f", b""),
-    )
+_NO_DEADLINE_RETRY_S = 30.0  # how long a hand-off is retried when its entry has no deadline
 
 
 class RedisStageLink:
@@ -181,6 +78,7 @@ class RedisStageLink:
 
     ``last``: this stage's results go to each entry's reply stream instead of stage ``stage + 1``.
     ``read_count``: entries fetched per XREADGROUP (and held ahead of the worker's own queue).
+    ``blob_min_bytes``: results at least this large are written as blobs.
     """
 
     def __init__(
@@ -198,6 +96,8 @@ class RedisStageLink:
         done_ttl_s: float = 3600.0,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         dead_maxlen: int = 10000,
+        blob_min_bytes: int = DEFAULT_BLOB_MIN_BYTES,
+        drain_timeout_s: float = 20.0,
     ) -> None:
         if claim_idle_ms < 10 or max_retries < 0 or read_count < 1:
             raise ValueError(
@@ -216,57 +116,126 @@ class RedisStageLink:
         self.done_ttl_ms = int(done_ttl_s * 1000)
         self.max_frame_bytes = max_frame_bytes
         self.dead_maxlen = dead_maxlen
+        self.blob_min_bytes = blob_min_bytes
+        self.drain_timeout_s = drain_timeout_s
         self.stream = self.keys.stage(stage)
         self.group = self.keys.group(stage)
         self.next_stream = None if last else self.keys.stage(stage + 1)
-        self.client: aioredis.Redis | None = None
-        self._finish: Any = None
-        self.held: dict[int, _Entry] = {}  # request id → entry this replica holds (queued or computing)
+        self.conn = RespConnection(url, name=f"stage {stage}", on_connect=self._on_connect, align=frame_align)
+        self.reader = RespConnection(  # its own connection: the blocking XREADGROUP holds it
+            url, name=f"stage {stage} reader", on_connect=self._on_reader_connect, align=frame_align
+        )
+        self.reader_id = 0  # the reader connection's CLIENT ID (to unblock its read when draining)
+        self.epoch = ""
+        self.held: dict[int, Entry] = {}  # request id → entry this replica holds (queued or computing)
         self.inbox = RedisInbox(self)
         self.outbox = RedisOutbox(self)
         self.up = False
         self.last_error = "not started"
         self.reclaimed = 0
         self.dead_lettered = 0
+        self.data_losses = 0
         self.heartbeat_s = min(1.0, max(0.01, claim_idle_ms / 4000.0))
         self.alive_ttl_ms = 3000
 
+    async def _on_connect(self, run: Any) -> None:
+        """On every new connection: notice a server that lost its data, make sure the group exists."""
+        token, lost = await sync_epoch(run, self.keys, self.epoch)
+        if lost:
+            self.data_losses += 1
+            log.warning(
+                "stage %d: Redis at %s lost its data (restarted without persistence?); dropping the %d "
+                "request(s) this replica held: their gateways report them failed",
+                self.stage,
+                self.url,
+                len(self.held),
+            )
+            self.held.clear()
+            self.inbox.forget()
+        self.epoch = token
+        await ensure_group(run, self.stream, self.group)
+
+    async def _on_reader_connect(self, run: Any) -> None:
+        await self._on_connect(run)
+        self.reader_id = int(await run("CLIENT", "ID"))
+
     async def heartbeat(self) -> None:
         """Mark this consumer alive for ``alive_ttl_ms`` (Redis 7.0's XINFO idle does not move while idle)."""
-        assert self.client is not None
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.sadd(self.keys.consumers(self.stage), self.consumer)
-            pipe.set(self.keys.alive(self.stage, self.consumer), str(os.getpid()), px=self.alive_ttl_ms)
-            await pipe.execute()
+        await self.conn.pipeline(
+            [
+                ("SADD", self.keys.consumers(self.stage), self.consumer),
+                (
+                    "SET",
+                    self.keys.alive(self.stage, self.consumer),
+                    str(os.getpid()),
+                    "PX",
+                    self.alive_ttl_ms,
+                ),
+            ]
+        )
 
     async def open(self) -> None:
-        if self.client is not None:
+        if self.up:
             return
-        self.client = connect(self.url)
         try:
-            await ensure_group(self.client, self.stream, self.group)
-        except (RedisError, OSError) as exc:
-            await self.client.aclose()
-            self.client = None
+            await self.conn.execute("PING")
+            await self.heartbeat()
+        except (OSError, RespError) as exc:
             raise TransportError(f"stage {self.stage} cannot reach Redis at {self.url}: {exc}") from exc
-        self._finish = finish_script(self.client)
-        await self.heartbeat()
         self.up, self.last_error = True, ""
 
-    async def finish(self, entry: _Entry, destinations: list[tuple[str, list]]) -> bool:
-        """Atomically write ``destinations`` (once per stage and request) and acknowledge ``entry``."""
-        assert self.client is not None
-        keys = [self.stream, self.keys.done(self.stage, entry.rid), *(d for d, _ in destinations)]
-        args: list[Any] = [self.group, entry.entry_id, self.done_ttl_ms]
+    def broken(self, exc: BaseException) -> None:
+        self.up, self.last_error = False, f"Redis at {self.url}: {exc}"
+
+    async def finish(
+        self,
+        entry: Entry,
+        destinations: list[tuple[str, list]],
+        *,
+        blob: str = "",
+        before: tuple = (),
+    ) -> int:
+        """Atomically write ``destinations`` (once per stage and request) and acknowledge ``entry``.
+
+        ``before``: a command sent in the same round trip just before (the ``SET`` of ``blob``).
+        Returns 1 (written), 0 (a duplicate: already handed on) or -1 (the entry is from before a
+        data loss: nothing written).
+        """
+        keys = [
+            self.stream,
+            self.keys.done(self.stage, entry.rid),
+            self.keys.epoch,
+            *(d for d, _ in destinations),
+        ]
+        args: list[Any] = [
+            self.group,
+            entry.entry_id,
+            self.done_ttl_ms,
+            entry.epoch or self.epoch,
+            entry.blob or "",
+            blob,
+        ]
         for _, xadd in destinations:
             args += [len(xadd), *xadd]
-        return bool(await self._finish(keys=keys, args=args))
+        commands = [before] if before else []
+        commands.append(("EVAL", FINISH_LUA, len(keys), *keys, *args))
+        replies = await self.conn.pipeline(commands)
+        for reply in replies:
+            if isinstance(reply, RespError):
+                raise reply
+        return int(replies[-1])
 
     async def close(self) -> None:
-        if self.client is not None:
-            client, self.client = self.client, None
-            with contextlib.suppress(RedisError, OSError):
-                await client.aclose()
+        """Leave (no longer live; out of the group if nothing is pending here) and disconnect."""
+        if self.up:
+            keys = [self.stream, self.keys.consumers(self.stage), self.keys.alive(self.stage, self.consumer)]
+            with contextlib.suppress(OSError, RespError, asyncio.TimeoutError):
+                await asyncio.wait_for(
+                    self.conn.execute("EVAL", LEAVE_LUA, len(keys), *keys, self.group, self.consumer), 1.0
+                )
+        self.up = False
+        self.conn.close()
+        self.reader.close()
 
 
 class RedisInbox:
@@ -274,10 +243,12 @@ class RedisInbox:
 
     def __init__(self, link: RedisStageLink) -> None:
         self._link = link
-        self._ready: deque[_Entry] = deque()
+        self._ready: deque[Entry] = deque()
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
         self._closed = False
+        self.draining = False
+        self._busy = 0  # reads and claims under way (entries may be on their way here)
 
     async def start(self, on_upstream: UpstreamHandler | None = None) -> None:
         await self._link.open()
@@ -287,83 +258,150 @@ class RedisInbox:
             asyncio.create_task(self._claim_loop(), name="redis-claim"),
         ]
 
-    def _push(self, entries: list[tuple[Any, dict]]) -> None:
-        link = self._link
-        for entry_id, fields in entries:
-            if fields is None:  # deleted meanwhile
-                continue
-            entry = _parse_entry(entry_id, fields)
-            held = link.held.get(entry.rid)
-            if held is not None:
-                if held.entry_id != entry.entry_id:
-                    log.warning("request %d: a second entry %s while holding %s", entry.rid, entry_id, held)
-                continue  # already queued or computing here
-            link.held[entry.rid] = entry
-            self._ready.append(entry)
-        assert self._wake is not None
-        self._wake.set()
+    def forget(self) -> None:
+        """Drop the entries read ahead (after the server lost them)."""
+        self._ready.clear()
 
     async def _read_loop(self) -> None:
         link = self._link
-        assert link.client is not None
+        backoff = 0.05
         while not self._closed:
-            if len(self._ready) >= link.read_count:  # the worker is not taking: stop reading
+            if self.draining or len(self._ready) >= link.read_count:  # not taking: stop reading
                 await asyncio.sleep(0.005)
                 continue
+            self._busy += 1
             try:
-                reply = await link.client.xreadgroup(
-                    link.group,
-                    link.consumer,
-                    {link.stream: ">"},
-                    count=link.read_count,
-                    block=link.block_ms,
-                )
-                link.up, link.last_error = True, ""
-            except (RedisError, OSError) as exc:
-                link.up, link.last_error = False, f"Redis at {link.url}: {exc}"
-                log.warning("stage %d: reading %s failed: %s", link.stage, link.stream, exc)
-                await asyncio.sleep(0.5)
-                if "NOGROUP" in str(exc):  # a restarted server without persistence: start afresh
-                    with contextlib.suppress(RedisError, OSError):
-                        await ensure_group(link.client, link.stream, link.group)
+                reply = await link.reader.execute(
+                    "XREADGROUP", "GROUP", link.group, link.consumer, "COUNT", link.read_count,
+                    "BLOCK", link.block_ms, "STREAMS", link.stream, ">",
+                )  # fmt: skip
+                link.up, link.last_error, backoff = True, "", 0.05
+                entries = [parse_entry(i, f, link.epoch) for _s, items in reply or [] for i, f in items]
+                if entries:
+                    await self._accept(entries)
                 continue
-            for _stream, entries in reply or []:
-                self._push(entries)
+            except (OSError, RespError) as exc:
+                link.broken(exc)
+                log.warning("stage %d: reading %s failed: %s", link.stage, link.stream, exc)
+                if isinstance(exc, RespError) and exc.code == "NOGROUP":  # deleted by hand: recreate
+                    with contextlib.suppress(OSError, RespError):
+                        await ensure_group(link.conn.execute, link.stream, link.group)
+            finally:
+                self._busy -= 1
+            await asyncio.sleep(backoff)
+            backoff = min(0.5, backoff * 2)
+
+    async def _accept(self, entries: list[Entry]) -> None:
+        """Hold ``entries`` (skipping those held already), fetch their blobs, queue them for the worker."""
+        link = self._link
+        fresh = []
+        for entry in entries:
+            held = link.held.get(entry.rid)
+            if held is not None:
+                if held.entry_id != entry.entry_id:
+                    log.warning(
+                        "request %d: a second entry %s while holding %s", entry.rid, entry.entry_id, held
+                    )
+                continue  # already queued or computing here
+            link.held[entry.rid] = entry
+            fresh.append(entry)
+        blobs = [e for e in fresh if e.data is None and e.blob]
+        if blobs:
+            try:
+                values = await link.conn.pipeline([("GET", e.blob) for e in blobs])
+            except OSError as exc:  # left pending: taken over (or retried here) later
+                link.broken(exc)
+                for e in blobs:
+                    link.held.pop(e.rid, None)
+                fresh = [e for e in fresh if e not in blobs]
+                values = []
+            for entry, value in zip(blobs, values, strict=False):
+                if isinstance(value, bytes | memoryview):
+                    entry.data = value
+                else:
+                    fresh.remove(entry)
+                    await self._missing(entry)
+        for entry in fresh:
+            if entry.data is None:  # neither a frame nor a blob: a damaged entry
+                entry.data = b""
+            if link.held.get(entry.rid) is entry:  # not dropped meanwhile (data loss)
+                self._ready.append(entry)
+        assert self._wake is not None
+        self._wake.set()
+
+    async def _missing(self, entry: Entry) -> None:
+        """The entry's blob is gone: it was handed on already, its deadline passed, or it was lost."""
+        link = self._link
+        try:
+            if await link.conn.execute("EXISTS", link.keys.done(link.stage, entry.rid)):
+                log.info("stage %d: request %d was already handed on (duplicate)", link.stage, entry.rid)
+                await link.conn.pipeline(
+                    [("XACK", link.stream, link.group, entry.entry_id), ("XDEL", link.stream, entry.entry_id)]
+                )
+            elif entry.expired:
+                message = (
+                    f"stage {link.stage}: the deadline of request {entry.rid} passed while it was queued"
+                )
+                await self._answer(entry, "deadline", message)
+            else:
+                message = (
+                    f"stage {link.stage}: the input of request {entry.rid} (blob {entry.blob}) is gone from "
+                    "Redis: it expired or was evicted (the server needs maxmemory-policy noeviction)"
+                )
+                log.warning("%s", message)
+                await self._answer(entry, "protocol", message)
+        except (OSError, RespError) as exc:
+            log.warning("stage %d: cannot settle request %d: %s", link.stage, entry.rid, exc)
+        finally:
+            if link.held.get(entry.rid) is entry:
+                del link.held[entry.rid]
+
+    async def _answer(self, entry: Entry, code: str, message: str) -> None:
+        error = Frame(Kind.ERROR, entry.rid, error=ErrorInfo(self._link.stage, code, message))
+        body = entry_args(entry.rid, entry.reply, None, frame=frame_chunks(error))
+        await self._link.finish(entry, [(entry.reply, body)])
 
     async def _claim_loop(self) -> None:
         """Renew the entries held here; take over those idle too long elsewhere; dead-letter poison."""
         link = self._link
-        assert link.client is not None
         while not self._closed:
             await asyncio.sleep(link.heartbeat_s)
             try:
                 await link.heartbeat()
                 held = [e.entry_id for e in link.held.values()]
                 if held:
-                    await link.client.xclaim(link.stream, link.group, link.consumer, 0, held, justid=True)
-                _next, entries, *_ = await link.client.xautoclaim(
-                    link.stream, link.group, link.consumer, link.claim_idle_ms, "0-0", count=16
-                )
-                if entries:
-                    await self._reclaimed(entries)
-            except (RedisError, OSError) as exc:
-                link.up, link.last_error = False, f"Redis at {link.url}: {exc}"
+                    await link.conn.execute(
+                        "XCLAIM", link.stream, link.group, link.consumer, 0, *held, "JUSTID"
+                    )
+                if self.draining:
+                    continue
+                self._busy += 1
+                try:
+                    reply = await link.conn.execute(
+                        "XAUTOCLAIM", link.stream, link.group, link.consumer, link.claim_idle_ms, "0-0",
+                        "COUNT", 16,
+                    )  # fmt: skip
+                    if reply[1]:
+                        await self._reclaimed(reply[1])
+                finally:
+                    self._busy -= 1
+            except (OSError, RespError) as exc:
+                link.broken(exc)
                 log.warning("stage %d: reclaiming failed: %s", link.stage, exc)
 
-    async def _reclaimed(self, entries: list[tuple[Any, dict]]) -> None:
+    async def _reclaimed(self, items: list) -> None:
         link = self._link
-        assert link.client is not None
-        ids = [e[0] for e in entries]
-        pending = await link.client.xpending_range(
-            link.stream, link.group, min=ids[0], max=ids[-1], count=len(ids) + 64, consumername=link.consumer
+        ids = [i for i, _f in items]
+        pending = await link.conn.execute(
+            "XPENDING", link.stream, link.group, ids[0], ids[-1], len(ids) + 64, link.consumer
         )
-        deliveries = {p["message_id"]: int(p["times_delivered"]) for p in pending}
+        deliveries = {p[0]: int(p[3]) for p in pending}
         retry = []
-        for entry_id, fields in entries:
+        for entry_id, fields in items:
             if fields is None:
                 continue
             times = deliveries.get(entry_id, 1)
-            entry = _parse_entry(entry_id, fields)
+            entry = parse_entry(entry_id, fields, link.epoch)
             if entry.rid in link.held:
                 continue
             if times > 1 + link.max_retries:
@@ -371,15 +409,26 @@ class RedisInbox:
             else:
                 log.info("stage %d: took over request %d (delivery %d)", link.stage, entry.rid, times)
                 link.reclaimed += 1
-                retry.append((entry_id, fields))
+                retry.append(entry)
         if retry:
-            self._push(retry)
+            await self._accept(retry)
 
-    async def _dead_letter(self, entry: _Entry, times: int) -> None:
+    async def _dead_letter(self, entry: Entry, times: int) -> None:
         link = self._link
-        assert link.client is not None
-        last = await link.client.get(link.keys.error(link.stage, entry.rid))
-        why = last.decode(errors="replace") if last else "the replicas holding it stopped without an answer"
+        last, data = await link.conn.pipeline(
+            [
+                ("GET", link.keys.error(link.stage, entry.rid)),
+                ("GET", entry.blob) if entry.blob else ("PING",),
+            ]
+        )
+        why = (
+            bytes(last).decode(errors="replace")
+            if last
+            else "the replicas holding it stopped without an answer"
+        )
+        frame = (
+            entry.data if entry.data is not None else (data if isinstance(data, bytes | memoryview) else b"")
+        )
         message = (
             f"stage {link.stage}: request {entry.rid} moved to the dead-letter stream {link.keys.dead} after "
             f"{times - 1} deliveries (max_retries={link.max_retries}); last error: {why}"
@@ -389,46 +438,115 @@ class RedisInbox:
         dead = [
             "MAXLEN", "~", str(link.dead_maxlen), "*",
             "rid", str(entry.rid), "stage", str(link.stage), "deliveries", str(times - 1),
-            "error", why, "entry", entry.entry_id, "f", entry.data,
+            "error", why, "entry", entry.entry_id, "f", frame,
         ]  # fmt: skip
-        reply = encode_entry(error, entry.reply, None)
+        reply = entry_args(entry.rid, entry.reply, None, frame=frame_chunks(error))
         await link.finish(entry, [(link.keys.dead, dead), (entry.reply, reply)])
         link.dead_lettered += 1
 
     async def receive(self) -> Received:
         assert self._wake is not None, "start() first"
-        while not self._ready:
-            if self._closed:
-                raise ConnectionClosed("the Redis inbox is closed")
-            self._wake.clear()
-            await self._wake.wait()
-        entry = self._ready.popleft()
-        started = time.monotonic()
-        frame = decode(entry.data, self._link.max_frame_bytes)
-        if entry.deadline_wall is not None:
-            frame = dataclasses.replace(frame, budget_ms=(entry.deadline_wall - time.time()) * 1000.0)
-        return Received(frame, started, time.monotonic())
+        while True:
+            while not self._ready:
+                if self._closed:
+                    raise ConnectionClosed("the Redis inbox is closed")
+                self._wake.clear()
+                await self._wake.wait()
+            entry = self._ready.popleft()
+            started = time.monotonic()
+            try:
+                assert entry.data is not None
+                frame = decode(entry.data, self._link.max_frame_bytes)
+            except ProtocolError as exc:
+                with contextlib.suppress(OSError, RespError):
+                    await self._answer(
+                        entry, "protocol", f"stage {self._link.stage}: undecodable entry: {exc}"
+                    )
+                self._link.held.pop(entry.rid, None)
+                continue
+            entry.data = None  # the frame's tensors keep the buffer alive as long as they need it
+            if entry.deadline_wall is not None:
+                frame = dataclasses.replace(frame, budget_ms=(entry.deadline_wall - time.time()) * 1000.0)
+            return Received(frame, started, time.monotonic())
 
     async def send_back(self, frame: Frame) -> None:
         """An ERROR for a held request: retried later if it may be transient, else answered now."""
         link = self._link
         entry = link.held.get(frame.request_id)
-        if frame.kind is not Kind.ERROR or entry is None or link.client is None:
+        if frame.kind is not Kind.ERROR or entry is None:
             log.debug("stage %d: dropped a %s frame going back", link.stage, frame.kind.name)
             return
         error = frame.error
         try:
             if error is not None and error.code in _RETRYABLE:
                 del link.held[frame.request_id]  # no longer renewed: reclaimed after claim_idle_ms
-                await link.client.set(
-                    link.keys.error(link.stage, entry.rid), error.message, px=link.done_ttl_ms
+                await link.conn.execute(
+                    "SET", link.keys.error(link.stage, entry.rid), error.message, "PX", link.done_ttl_ms
                 )
                 log.info("stage %d: request %d failed, will be retried: %s", link.stage, entry.rid, error)
                 return
-            await link.finish(entry, [(entry.reply, encode_entry(frame, entry.reply, None))])
+            body = entry_args(entry.rid, entry.reply, None, frame=frame_chunks(frame))
+            await link.finish(entry, [(entry.reply, body)])
             link.held.pop(frame.request_id, None)
-        except (RedisError, OSError) as exc:
+        except (OSError, RespError) as exc:
             log.warning("stage %d: cannot report the error of request %d: %s", link.stage, entry.rid, exc)
+
+    async def drain(self) -> None:
+        """Stop taking entries; return once those held are handed on (or handed back after the timeout)."""
+        link = self._link
+        self.draining = True
+        deadline = time.monotonic() + link.drain_timeout_s
+        if self._busy and link.reader_id:  # a blocked read may still be handed entries: end it now
+            with contextlib.suppress(OSError, RespError, asyncio.TimeoutError):
+                await asyncio.wait_for(link.conn.execute("CLIENT", "UNBLOCK", link.reader_id), 1.0)
+        while self._busy and time.monotonic() < deadline and not self._closed:
+            await asyncio.sleep(0.005)  # what they got is held (and finished below) before this ends
+        if link.held:
+            log.info("stage %d: draining: finishing the %d request(s) held here", link.stage, len(link.held))
+        while link.held and time.monotonic() < deadline and not self._closed:
+            await asyncio.sleep(0.01)
+        await self.hand_back()
+
+    async def hand_back(self) -> None:
+        """Make the entries still held here immediately claimable by the other replicas."""
+        link = self._link
+        ids = [e.entry_id for e in link.held.values()]
+        if not ids:
+            return
+        log.info("stage %d: handing %d request(s) back to the other replicas", link.stage, len(ids))
+        link.held.clear()
+        self._ready.clear()
+        with contextlib.suppress(OSError, RespError):
+            await asyncio.wait_for(
+                link.conn.execute(
+                    "XCLAIM", link.stream, link.group, link.consumer, 0, *ids, "IDLE", 2 * link.claim_idle_ms,
+                    "JUSTID",
+                ),
+                2.0,
+            )  # fmt: skip
+
+    def stop_handler(self, stop: Callable[[], None]) -> Callable[[], None]:
+        """A signal handler: the first call drains then calls ``stop``; a second one hands back and stops."""
+        state: dict[str, Any] = {}
+
+        def handler() -> None:
+            if "task" not in state:
+                state["task"] = asyncio.get_running_loop().create_task(self._drain_then(stop))
+            else:
+                log.info("stage %d: second stop signal: not waiting for the drain", self._link.stage)
+                self.draining = True
+                state["task"].cancel()
+                asyncio.get_running_loop().create_task(self._hand_back_then(stop))
+
+        return handler
+
+    async def _drain_then(self, stop: Callable[[], None]) -> None:
+        await self.drain()
+        stop()
+
+    async def _hand_back_then(self, stop: Callable[[], None]) -> None:
+        await self.hand_back()
+        stop()
 
     async def close(self) -> None:
         self._closed = True
@@ -445,10 +563,12 @@ class RedisOutbox:
     def __init__(self, link: RedisStageLink) -> None:
         self._link = link
         self._tasks: set[asyncio.Task] = set()
+        self._started = False
 
     @property
     def connected(self) -> bool:
-        return self._link.up and self._link.client is not None
+        """Always, once started: a hand-off waits for the broker (retried until the entry's deadline)."""
+        return self._started
 
     @property
     def peer(self) -> str:
@@ -460,6 +580,7 @@ class RedisOutbox:
 
     async def start(self, on_backward: BackwardHandler, on_link: LinkHandler) -> None:
         await self._link.open()
+        self._started = True
 
     def send(self, frame: Frame, deadline: float | None = None) -> asyncio.Future[float]:
         loop = asyncio.get_running_loop()
@@ -473,26 +594,51 @@ class RedisOutbox:
         task.add_done_callback(self._tasks.discard)
         return fut
 
-    async def _write(self, frame: Frame, entry: _Entry, fut: asyncio.Future) -> None:
+    async def _write(self, frame: Frame, entry: Entry, fut: asyncio.Future) -> None:
         link = self._link
         t0 = time.monotonic()
         try:
-            dest = entry.reply if link.next_stream is None else link.next_stream
-            xadd = encode_entry(frame, entry.reply, entry.deadline_wall, link.max_frame_bytes)
-            if not await link.finish(entry, [(dest, xadd)]):
-                log.info("stage %d: request %d was already handed on (duplicate)", link.stage, entry.rid)
-            link.held.pop(frame.request_id, None)
-        except (RedisError, OSError) as exc:
-            link.up, link.last_error = False, f"Redis at {link.url}: {exc}"
-            if not fut.done():
-                fut.set_exception(StageUnavailable(f"stage {link.stage} cannot write to Redis: {exc}"))
+            chunks = frame_chunks(frame, link.max_frame_bytes)
+        except ProtocolError as exc:
+            fut.set_exception(exc)
             return
-        except Exception as exc:  # ProtocolError from encode
-            if not fut.done():
-                fut.set_exception(exc)
-            return
-        if not fut.done():
-            fut.set_result(time.monotonic() - t0)
+        dest = entry.reply if link.next_stream is None else link.next_stream
+        target = "r" if link.next_stream is None else str(link.stage + 1)
+        until = time.time() + _NO_DEADLINE_RETRY_S if entry.deadline_wall is None else entry.deadline_wall
+        backoff = 0.05
+        while True:
+            blob, before, body = "", (), None
+            if chunks.nbytes >= link.blob_min_bytes:
+                blob = link.keys.blob(target, entry.rid)
+                ttl = blob_ttl_ms(entry.deadline_wall, link.done_ttl_ms)
+                before = ("SET", blob, chunks, "PX", ttl)
+                body = entry_args(entry.rid, entry.reply, entry.deadline_wall, blob=blob)
+            else:
+                body = entry_args(entry.rid, entry.reply, entry.deadline_wall, frame=chunks)
+            try:
+                written = await link.finish(entry, [(dest, body)], blob=blob, before=before)
+                break
+            except (OSError, RespError) as exc:
+                link.broken(exc)
+                if isinstance(exc, RespError) or time.time() + backoff >= until or entry.rid not in link.held:
+                    link.held.pop(entry.rid, None)
+                    fut.set_exception(StageUnavailable(f"stage {link.stage} cannot write to Redis: {exc}"))
+                    return
+                log.warning(
+                    "stage %d: handing on request %d failed, retrying: %s", link.stage, entry.rid, exc
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(1.0, backoff * 2)
+        link.up, link.last_error = True, ""
+        if written == 0:
+            log.info("stage %d: request %d was already handed on (duplicate)", link.stage, entry.rid)
+        elif written < 0:
+            log.info(
+                "stage %d: request %d is from before Redis lost its data: dropped", link.stage, entry.rid
+            )
+        if link.held.get(entry.rid) is entry:
+            del link.held[entry.rid]
+        fut.set_result(time.monotonic() - t0)
 
     async def close(self) -> None:
         if self._tasks:

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 #: at 0.34–0.41 ms against a 0.34 ms target; inline, 0.30 ms (docs/protocol.md). Longer runs always go
 #: to the compute thread, so receiving and sending overlap with compute.
 DEFAULT_INLINE_BELOW_MS = 0.2
+#: = ``redis_entries.DEFAULT_BLOB_MIN_BYTES`` (not imported: a TCP worker loads no Redis module).
+_REDIS_BLOB_MIN_BYTES = 96 * 1024
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class WorkerConfig:
     consumer: str = ""  # this replica's consumer name (default: hostname-pid)
     claim_idle_ms: int = 5000
     max_retries: int = 3
+    blob_min_bytes: int = _REDIS_BLOB_MIN_BYTES  # redis: larger results travel as blobs (docs/redis.md)
 
     format_version: ClassVar[int] = 1
 
@@ -108,6 +111,7 @@ class WorkerConfig:
                 "consumer": self.consumer,
                 "claim_idle_ms": self.claim_idle_ms,
                 "max_retries": self.max_retries,
+                "blob_min_bytes": self.blob_min_bytes,
             }
         return data
 
@@ -138,6 +142,7 @@ class WorkerConfig:
                 consumer=str(redis.get("consumer", "")),
                 claim_idle_ms=int(redis.get("claim_idle_ms", 5000)),
                 max_retries=int(redis.get("max_retries", 3)),
+                blob_min_bytes=int(redis.get("blob_min_bytes", _REDIS_BLOB_MIN_BYTES)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise FormatError(f"worker config is malformed ({exc!r}); regenerate it") from exc
@@ -159,7 +164,7 @@ def _describe(args: Any) -> str:
 
 
 def _redis_transport(config: WorkerConfig) -> tuple[Inbox, Outbox]:
-    from layerline.runtime.redis_transport import RedisStageLink  # imports redis: only when used
+    from layerline.runtime.redis_transport import RedisStageLink  # only when used
 
     link = RedisStageLink(
         config.redis_url,
@@ -170,6 +175,7 @@ def _redis_transport(config: WorkerConfig) -> tuple[Inbox, Outbox]:
         claim_idle_ms=config.claim_idle_ms,
         max_retries=config.max_retries,
         max_frame_bytes=config.max_frame_bytes,
+        blob_min_bytes=config.blob_min_bytes,
     )
     return link.inbox, link.outbox
 
@@ -207,8 +213,11 @@ async def serve(config: WorkerConfig, session: Any, ready_file: str | None = Non
         inline_below_ms=config.inline_below_ms,
     )
     loop = asyncio.get_running_loop()
+    on_stop = worker.stop
+    if config.transport == "redis":  # drain what this replica holds first (docs/redis.md, "Replicas")
+        on_stop = inbox.stop_handler(worker.stop)  # type: ignore[attr-defined]
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stop)
+        loop.add_signal_handler(sig, on_stop)
     await worker.start()
     if isinstance(inbox, TcpInbox):
         port = inbox.port

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from layerline.testbed.errors import TestbedError
@@ -18,13 +19,16 @@ from layerline.testbed.host import CGROUP_ROOT
 
 __all__ = [
     "CFS_PERIOD_US",
+    "Hierarchy",
     "cgroup_pids",
     "create_cgroup",
+    "hierarchies",
     "own_cgroup",
     "remove_cgroup",
     "set_cpu_limit",
     "set_cpu_weight",
     "set_memory_limit",
+    "thaw_tree",
 ]
 
 log = logging.getLogger(__name__)
@@ -43,8 +47,68 @@ def own_cgroup(controller: str) -> Path:
     raise TestbedError(f"this process is in no cgroup v1 {controller} hierarchy; mount it at {CGROUP_ROOT}")
 
 
+# what a cgroup v1 mount's super options may name besides flags (xattr, clone_children, ...)
+_CONTROLLERS = {
+    "cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids", "net_cls", "net_prio",
+    "perf_event", "hugetlb", "rdma", "misc",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Hierarchy:
+    """One cgroup hierarchy mounted under /sys/fs/cgroup: where, its type (``cgroup`` for v1, ``cgroup2``),
+    its controllers and ``name=`` (v1), and this process's cgroup directory in it."""
+
+    mountpoint: Path
+    fstype: str
+    options: tuple[str, ...]
+    own: Path
+
+    def mount_options(self) -> str:
+        """The ``-o`` value that mounts this hierarchy again (a name-only one needs ``none``)."""
+        if any(o in _CONTROLLERS for o in self.options):
+            return ",".join(self.options)
+        return ",".join(("none", *self.options))
+
+
+def hierarchies() -> list[Hierarchy]:
+    """Every cgroup v1 and v2 hierarchy mounted under /sys/fs/cgroup, with this process's cgroup in it."""
+    own: dict[frozenset[str] | None, str] = {}
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        num, controllers, path = line.split(":", 2)
+        own[None if num == "0" and not controllers else frozenset(controllers.split(","))] = path
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if len(fields) < 5 or len(tail) < 3 or tail[0] not in ("cgroup", "cgroup2"):
+            continue
+        root, point = fields[3], Path(fields[4])
+        if CGROUP_ROOT not in point.parents:
+            continue
+        opts = tuple(o for o in tail[2].split(",") if o in _CONTROLLERS or o.startswith("name="))
+        path = own.get(frozenset(opts) if tail[0] == "cgroup" else None)
+        if path is None:
+            continue
+        rel = os.path.relpath(path, root) if path.startswith(root) else path.lstrip("/")
+        found.append(Hierarchy(point, tail[0], opts, point / ("" if rel == "." else rel)))
+    return found
+
+
 def create_cgroup(path: str | Path) -> None:
-    Path(path).mkdir(parents=False, exist_ok=True)
+    """Make a cgroup directory; in a cpuset hierarchy copy the parent's CPUs and memory nodes (a new
+    cpuset is empty, and no process can join it until they are set)."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=False, exist_ok=True)
+    except OSError as exc:
+        raise TestbedError(
+            f"cannot create cgroup {p}: {exc.strerror}; the testbed needs it writable"
+        ) from None
+    for name in ("cpuset.cpus", "cpuset.mems"):
+        mine = p / name
+        if mine.exists() and not mine.read_text().strip():
+            _write(mine, (p.parent / name).read_text().strip())
 
 
 def _write(path: Path, value: str) -> None:
@@ -83,11 +147,29 @@ def cgroup_pids(path: str | Path) -> list[int]:
     return [int(p) for p in text.split()]
 
 
+def _thaw(path: Path) -> None:
+    """A frozen cgroup's processes (``docker pause``) cannot die of SIGKILL: thaw it first."""
+    for name, thawed in (("freezer.state", "THAWED"), ("cgroup.freeze", "0")):
+        with contextlib.suppress(OSError):
+            if (path / name).read_text().strip() not in (thawed, ""):
+                (path / name).write_text(thawed)
+
+
+def thaw_tree(path: str | Path) -> None:
+    """Thaw a cgroup and all cgroups beneath it (before killing their processes from another hierarchy)."""
+    p = Path(path)
+    if p.is_dir():
+        _thaw(p)
+        for child in [c for c in p.iterdir() if c.is_dir()]:
+            thaw_tree(child)
+
+
 def remove_cgroup(path: str | Path, timeout: float = 5.0) -> None:
     """Kill the cgroup's processes (by PID; they are ours), then its child cgroups, then remove it."""
     p = Path(path)
     if not p.is_dir():
         return
+    _thaw(p)
     for child in [c for c in p.iterdir() if c.is_dir()]:
         remove_cgroup(child, timeout)
     deadline = time.monotonic() + timeout

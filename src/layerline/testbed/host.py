@@ -11,10 +11,26 @@ from pathlib import Path
 from layerline.testbed.errors import TestbedError
 from layerline.testbed.spec import FleetSpec
 
-__all__ = ["CGROUP_ROOT", "TOOLS", "HostInfo", "check_host", "missing_requirements", "run_cmd"]
+__all__ = [
+    "CGROUP_ROOT",
+    "DOCKER_TOOLS",
+    "TOOLS",
+    "HostInfo",
+    "check_host",
+    "missing_docker",
+    "missing_requirements",
+    "run_cmd",
+]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 TOOLS = {"ip": "iproute2", "tc": "iproute2", "iptables": "iptables", "nsenter": "util-linux"}
+#: what ``swarm: true`` devices need besides TOOLS
+DOCKER_TOOLS = {
+    "dockerd": "docker.io",
+    "docker": "docker.io",
+    "unshare": "util-linux",
+    "setsid": "util-linux",
+}
 
 
 @dataclass(frozen=True)
@@ -61,6 +77,15 @@ def missing_requirements() -> list[str]:
     return problems
 
 
+def missing_docker() -> list[str]:
+    """Why this host cannot run ``swarm: true`` devices (empty when it can)."""
+    return [
+        f"{tool!r} is not installed; swarm: true devices need it: apt-get install -y {package}"
+        for tool, package in DOCKER_TOOLS.items()
+        if shutil.which(tool) is None
+    ]
+
+
 def _mem_available() -> int:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
@@ -77,9 +102,10 @@ def check_host(spec: FleetSpec | None = None) -> HostInfo:
     if spec is None:
         return info
     swarm = [d.name for d in spec.devices if d.swarm]
-    if swarm:
+    if swarm and missing_docker():
         raise TestbedError(
-            f"swarm: true (devices {swarm}) is not implemented yet; set swarm: false for every device"
+            f"devices {swarm} have swarm: true but this host cannot run dockerd in them:\n  - "
+            + "\n  - ".join(missing_docker())
         )
     total_cpu = sum(d.cpu for d in spec.devices)
     if total_cpu > info.cores + 1e-9:

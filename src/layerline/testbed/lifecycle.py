@@ -1,12 +1,14 @@
-"""``up`` / ``down`` / ``status`` / ``exec`` of the emulated device testbed.
+"""``up`` / ``down`` / ``exec`` of the emulated device testbed (``status`` is in :mod:`.status`).
 
-``up`` records each namespace, cgroup and daemon in the state file before making it, and on any failure
-removes what it made. ``down`` removes exactly what the state file lists (reverse order, by PID and by
-name) and then the file; it is idempotent, and safe after a crash or a kill -9 of any testbed process.
+``up`` records each namespace, cgroup, directory and daemon in the state file before making it, and on
+any failure removes what it made. ``down`` removes exactly what the state file lists (reverse order, by PID
+and by name) and then the file; it is idempotent, and safe after a crash or a kill -9 of any testbed
+process (a delayer, a dockerd, ``up`` itself).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -16,14 +18,12 @@ import shutil
 import signal
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from layerline.testbed import cgroups, netns, shaping
+from layerline.testbed import cgroups, dockerd, netns, shaping, swarm
 from layerline.testbed.errors import TestbedError
 from layerline.testbed.host import check_host, missing_requirements
-from layerline.testbed.spec import FleetSpec
+from layerline.testbed.spec import DeviceSpec, FleetSpec
 from layerline.testbed.state import (
     DeviceRecord,
     Resource,
@@ -34,12 +34,14 @@ from layerline.testbed.state import (
     save_state,
     testbed_dir,
 )
+from layerline.testbed.status import DeviceStatus, TestbedStatus, status
 
 __all__ = ["DeviceStatus", "TestbedStatus", "device_argv", "down", "status", "up"]
 
 log = logging.getLogger(__name__)
 
 CPU_SHARES = 16 * 1024
+STOP_TIMEOUT = {"dockerd": 10.0}  # seconds from SIGTERM to SIGKILL, by role; others 3 s
 
 
 def _record(state: TestbedState, resource: Resource, home: str | Path | None) -> TestbedState:
@@ -48,8 +50,15 @@ def _record(state: TestbedState, resource: Resource, home: str | Path | None) ->
     return state
 
 
+def _extra_hierarchies(spec: FleetSpec) -> list[cgroups.Hierarchy]:
+    """The cgroup hierarchies besides cpu and memory, where dockerd devices get a directory too."""
+    if not any(d.swarm for d in spec.devices):
+        return []
+    return [h for h in cgroups.hierarchies() if "cpu" not in h.options and "memory" not in h.options]
+
+
 def up(spec: FleetSpec, home: str | Path | None = None) -> TestbedState:
-    """Create the fleet's namespaces, links, limits and daemons; return the state ``down`` will undo."""
+    """Create the fleet's namespaces, links, limits, daemons and swarm; return the state ``down`` undoes."""
     check_host(spec)
     existing = load_state(home)
     if existing is not None:
@@ -61,17 +70,23 @@ def up(spec: FleetSpec, home: str | Path | None = None) -> TestbedState:
     tid = f"ll-{secrets.token_hex(3)}"
     cpu_parent = cgroups.own_cgroup("cpu") / tid
     mem_parent = cgroups.own_cgroup("memory") / tid
-    devices = tuple(
-        DeviceRecord(
-            d, netns.device_address(i), f"{tid}-{d.name}", str(cpu_parent / d.name), str(mem_parent / d.name)
+    extra = _extra_hierarchies(spec)
+    docker_root = testbed_dir(home).absolute() / "docker"
+    devices = []
+    for i, d in enumerate(spec.devices):
+        cpu_cg, mem_cg = cpu_parent / d.name, mem_parent / d.name
+        daemon = None
+        if d.swarm:
+            dirs = [str(cpu_cg), str(mem_cg), *(str(h.own / tid / d.name) for h in extra)]
+            daemon = dockerd.plan_daemon(docker_root, tid, d.name, dirs)
+        devices.append(
+            DeviceRecord(d, netns.device_address(i), f"{tid}-{d.name}", str(cpu_cg), str(mem_cg), daemon)
         )
-        for i, d in enumerate(spec.devices)
-    )
-    state = TestbedState(tid, spec, f"{tid}-sw", netns.SUBNET, devices, created_at=time.time())
+    state = TestbedState(tid, spec, f"{tid}-sw", netns.SUBNET, tuple(devices), created_at=time.time())
     save_state(state, home)
     t0 = time.monotonic()
     try:
-        state = _create(state, home, cpu_parent, mem_parent)
+        state = _create(state, home, cpu_parent, mem_parent, extra)
     except BaseException:
         log.warning("testbed %s failed to start; removing what was created", tid)
         down(home)
@@ -80,8 +95,21 @@ def up(spec: FleetSpec, home: str | Path | None = None) -> TestbedState:
     return state
 
 
-def _create(state: TestbedState, home: str | Path | None, cpu_parent: Path, mem_parent: Path) -> TestbedState:
-    for parent in (cpu_parent, mem_parent):
+def _create(
+    state: TestbedState,
+    home: str | Path | None,
+    cpu_parent: Path,
+    mem_parent: Path,
+    extra: list[cgroups.Hierarchy],
+) -> TestbedState:
+    daemons = [d for d in state.devices if d.daemon is not None]
+    # directories first, so that `down` removes them last (after every process using them is gone)
+    for d in sorted({str(Path(dev.daemon.dir).parent) for dev in daemons if dev.daemon}):
+        state = _record(state, Resource("dir", d), home)
+    short = dockerd.short_run_root(state.testbed_id)
+    if any(dev.daemon and Path(dev.daemon.run_dir).is_relative_to(short) for dev in daemons):
+        state = _record(state, Resource("dir", str(short)), home)
+    for parent in (cpu_parent, mem_parent, *(h.own / state.testbed_id for h in extra)):
         state = _record(state, Resource("cgroup", str(parent)), home)
         cgroups.create_cgroup(parent)
     # quotas cap each device; a high weight lets the devices reach their quotas on a busy host
@@ -90,43 +118,90 @@ def _create(state: TestbedState, home: str | Path | None, cpu_parent: Path, mem_
     netns.add_switch(state.switch_netns)
     state = _record(state, Resource("link", netns.host_port_name(state.testbed_id)), home)
     netns.attach_host(state.switch_netns, state.testbed_id)
-    logs = testbed_dir(home) / "logs"
     for index, dev in enumerate(state.devices):
-        spec = dev.spec
-        state = _record(state, Resource("cgroup", dev.cpu_cgroup), home)
-        cgroups.create_cgroup(dev.cpu_cgroup)
-        cgroups.set_cpu_limit(dev.cpu_cgroup, spec.cpu)
-        state = _record(state, Resource("cgroup", dev.memory_cgroup), home)
-        cgroups.create_cgroup(dev.memory_cgroup)
-        cgroups.set_memory_limit(dev.memory_cgroup, spec.memory_bytes)
-        state = _record(state, Resource("netns", dev.netns), home)
-        netns.add_netns(dev.netns)
-        netns.attach_device(state.switch_netns, dev.netns, index, dev.address)
-        # bandwidth both ways: the device's sends (eth0) and what the switch sends to it (its port)
-        shaping.set_rate(dev.netns, netns.DEVICE_IFACE, spec.link.rate_bit)
-        shaping.set_rate(state.switch_netns, netns.port_name(index), spec.link.rate_bit)
-        if spec.link.loss > 0:
-            shaping.set_loss(dev.netns, netns.DEVICE_IFACE, spec.link.loss)
-        if spec.link.delay_ms > 0:
-            pid = shaping.start_delayer(dev.netns, spec.link.delay_ms, logs / f"delayer-{spec.name}.log")
-            state = _record(
-                state, Resource("process", f"delayer:{spec.name}", pid, process_start_time(pid)), home
-            )
-            shaping.add_delay_rule(dev.netns, netns.DEVICE_IFACE)
+        state = _create_device(state, home, index, dev)
+    if daemons:
+        state = _start_daemons(state, home)
+        swarm.form_swarm(state)
     state = dataclasses.replace(state, phase="up")
     save_state(state, home)
     return state
 
 
+def _create_device(
+    state: TestbedState, home: str | Path | None, index: int, dev: DeviceRecord
+) -> TestbedState:
+    spec = dev.spec
+    state = _record(state, Resource("cgroup", dev.cpu_cgroup), home)
+    cgroups.create_cgroup(dev.cpu_cgroup)
+    cgroups.set_cpu_limit(dev.cpu_cgroup, spec.cpu)
+    state = _record(state, Resource("cgroup", dev.memory_cgroup), home)
+    cgroups.create_cgroup(dev.memory_cgroup)
+    cgroups.set_memory_limit(dev.memory_cgroup, spec.memory_bytes)
+    if dev.daemon is not None:
+        for cg in dev.daemon.cgroups:
+            if cg not in (dev.cpu_cgroup, dev.memory_cgroup):
+                state = _record(state, Resource("cgroup", cg), home)
+                cgroups.create_cgroup(cg)
+    state = _record(state, Resource("netns", dev.netns), home)
+    netns.add_netns(dev.netns)
+    netns.attach_device(state.switch_netns, dev.netns, index, dev.address)
+    # bandwidth both ways: the device's sends (eth0) and what the switch sends to it (its port)
+    shaping.set_rate(dev.netns, netns.DEVICE_IFACE, spec.link.rate_bit)
+    shaping.set_rate(state.switch_netns, netns.port_name(index), spec.link.rate_bit)
+    if spec.link.loss > 0:
+        shaping.set_loss(dev.netns, netns.DEVICE_IFACE, spec.link.loss)
+    if spec.needs_delayer:
+        by_source = _delays_by_address(state, spec)
+        log_path = testbed_dir(home) / "logs" / f"delayer-{spec.name}.log"
+        pid = shaping.start_delayer(dev.netns, spec.link.delay_ms, log_path, by_source_ms=by_source)
+        state = _record(
+            state, Resource("process", f"delayer:{spec.name}", pid, process_start_time(pid)), home
+        )
+        # with no default delay only the packets of delayed senders go through the delayer
+        sources = None if spec.link.delay_ms > 0 else [a for a, ms in by_source.items() if ms > 0]
+        shaping.add_delay_rule(dev.netns, netns.DEVICE_IFACE, sources)
+    return state
+
+
+def _delays_by_address(state: TestbedState, spec: DeviceSpec) -> dict[str, float]:
+    return {state.device(name).address: ms for name, ms in spec.delays}
+
+
+def _start_daemons(state: TestbedState, home: str | Path | None) -> TestbedState:
+    """Launch every device's dockerd (recorded before it runs), then wait until all answer."""
+    hierarchies = cgroups.hierarchies()
+    started = []
+    for dev in state.devices:
+        if dev.daemon is None:
+            continue
+        launch = dockerd.launch(dev, hierarchies)
+        try:
+            resource = Resource("process", f"dockerd:{dev.spec.name}", launch.pid, launch.start_time)
+            state = _record(state, resource, home)
+        except BaseException:
+            launch.abort()
+            raise
+        launch.release()
+        started.append((dev, resource))
+    for dev, res in started:
+        dockerd.wait_ready(dev, res.pid or 0, res.start_time)
+    return state
+
+
+def _signal(res: Resource, sig: int) -> None:
+    if res.is_running():
+        assert res.pid is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(res.pid, sig)
+
+
 def _stop_process(res: Resource, timeout: float = 3.0) -> None:
-    if not res.is_running():
-        return
-    assert res.pid is not None
-    os.kill(res.pid, signal.SIGTERM)
+    _signal(res, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while res.is_running():
         if time.monotonic() > deadline:
-            os.kill(res.pid, signal.SIGKILL)
+            _signal(res, signal.SIGKILL)
             deadline += timeout
         time.sleep(0.02)
 
@@ -139,104 +214,29 @@ def down(home: str | Path | None = None) -> list[str]:
     problems = missing_requirements()
     if problems and os.geteuid() != 0:
         raise TestbedError(problems[0])
+    # containers first (a stopping dockerd would wait for each), then every daemon at once
+    for dev in state.devices:
+        if dev.daemon is not None:
+            dockerd.kill_containers(dev.daemon)
+    for res in state.processes():
+        _signal(res, signal.SIGTERM)
     removed = []
     for res in reversed(state.resources):
         if res.kind == "process":
-            _stop_process(res)
+            _stop_process(res, STOP_TIMEOUT.get(res.name.split(":")[0], 3.0))
         elif res.kind == "netns":
             netns.delete_netns(res.name)
         elif res.kind == "link":
             netns.delete_link(res.name)
         elif res.kind == "cgroup":
             cgroups.remove_cgroup(res.name)
+        elif res.kind == "dir":
+            dockerd.remove_dir(res.name)
         removed.append(f"{res.kind} {res.name}")
     shutil.rmtree(testbed_dir(home) / "logs", ignore_errors=True)
     clear_state(home)
     log.info("testbed %s removed (%d resources)", state.testbed_id, len(removed))
     return removed
-
-
-@dataclass(frozen=True)
-class DeviceStatus:
-    """A device as it is now: limits read back from its cgroups, namespace, processes, daemon."""
-
-    name: str
-    address: str
-    netns: str
-    netns_present: bool
-    cpu_limit: float | None
-    memory_limit: int | None
-    memory_usage: int | None
-    processes: int
-    link: str
-    delayer_pid: int | None
-    delayer_running: bool | None
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass(frozen=True)
-class TestbedStatus:
-    """The whole testbed: its state plus each device's live status."""
-
-    __test__ = False
-
-    state: TestbedState
-    devices: tuple[DeviceStatus, ...]
-
-    @property
-    def healthy(self) -> bool:
-        return self.state.phase == "up" and all(
-            d.netns_present and d.delayer_running is not False for d in self.devices
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "testbed_id": self.state.testbed_id,
-            "fleet": self.state.fleet.name,
-            "phase": self.state.phase,
-            "healthy": self.healthy,
-            "subnet": self.state.subnet,
-            "host_address": netns.HOST_ADDRESS,
-            "switch_netns": self.state.switch_netns,
-            "devices": [d.to_json() for d in self.devices],
-        }
-
-
-def _read_int(path: Path) -> int | None:
-    try:
-        return int(path.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _device_status(state: TestbedState, dev: DeviceRecord) -> DeviceStatus:
-    cpu_dir, mem_dir = Path(dev.cpu_cgroup), Path(dev.memory_cgroup)
-    quota, period = _read_int(cpu_dir / "cpu.cfs_quota_us"), _read_int(cpu_dir / "cpu.cfs_period_us")
-    delayer = next((r for r in state.processes() if r.name == f"delayer:{dev.spec.name}"), None)
-    pids = set(cgroups.cgroup_pids(cpu_dir)) | set(cgroups.cgroup_pids(mem_dir))
-    return DeviceStatus(
-        name=dev.spec.name,
-        address=dev.address,
-        netns=dev.netns,
-        netns_present=netns.netns_exists(dev.netns),
-        cpu_limit=quota / period if quota and period and quota > 0 else None,
-        memory_limit=_read_int(mem_dir / "memory.limit_in_bytes"),
-        memory_usage=_read_int(mem_dir / "memory.usage_in_bytes"),
-        processes=len(pids),
-        link=dev.spec.link.describe(),
-        delayer_pid=delayer.pid if delayer else None,
-        delayer_running=delayer.is_running() if delayer else None,
-    )
-
-
-def status(home: str | Path | None = None) -> TestbedStatus | None:
-    """The testbed's live status, or None when none is up."""
-    state = load_state(home)
-    if state is None:
-        return None
-    return TestbedStatus(state, tuple(_device_status(state, d) for d in state.devices))
 
 
 def device_argv(state: TestbedState, device: str, cmd: Sequence[str]) -> list[str]:

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from layerline.testbed.errors import TestbedError
@@ -45,23 +46,34 @@ def set_loss(netns: str, iface: str, loss: float) -> None:
     )
 
 
-def add_delay_rule(netns: str, iface: str) -> None:
-    """Queue every packet ``iface`` receives to the delayer (bypassed when no delayer listens)."""
-    _iptables(
-        netns,
-        *("-t", "mangle", "-A", "PREROUTING", "-i", iface),
-        *("-j", "NFQUEUE", "--queue-num", str(DELAY_QUEUE), "--queue-bypass"),
-    )
+def add_delay_rule(netns: str, iface: str, sources: Sequence[str] | None = None) -> None:
+    """Queue the packets ``iface`` receives to the delayer (bypassed when no delayer listens): every
+    packet, or only those from ``sources`` (IPv4 addresses) when given."""
+    for source in sources if sources is not None else [None]:
+        _iptables(
+            netns,
+            *("-t", "mangle", "-A", "PREROUTING", "-i", iface),
+            *(("-s", f"{source}/32") if source else ()),
+            *("-j", "NFQUEUE", "--queue-num", str(DELAY_QUEUE), "--queue-bypass"),
+        )
 
 
-def start_delayer(netns: str, delay_ms: float, log_path: Path, timeout: float = 10.0) -> int:
+def start_delayer(
+    netns: str,
+    delay_ms: float,
+    log_path: Path,
+    timeout: float = 10.0,
+    by_source_ms: Mapping[str, float] | None = None,
+) -> int:
     """Start the delayer inside ``netns`` as a daemon (``setsid -f``: its parent is init, so no zombie is
-    left when it dies); return its pid once it is bound to the queue."""
+    left when it dies); return its pid once it is bound to the queue. ``by_source_ms`` maps IPv4 source
+    addresses to their own delay (ms); other packets wait ``delay_ms``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    pairs = [f"--from={addr}={ms:g}" for addr, ms in sorted((by_source_ms or {}).items())]
     argv = [
         *("setsid", "-f", "nsenter", f"--net={NETNS_DIR / netns}", "--"),
         *(sys.executable, "-m", "layerline.testbed.delayer"),
-        *("--delay-ms", f"{delay_ms:g}", "--queue", str(DELAY_QUEUE)),
+        *("--delay-ms", f"{delay_ms:g}", "--queue", str(DELAY_QUEUE), *pairs),
     ]
     with open(log_path, "w") as log:
         subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, check=False)

@@ -9,12 +9,16 @@ devices:
     cpu: 0.25                # fraction of one core (cgroup cpu quota); 1.5 = one and a half cores
     memory: 512M             # cgroup memory limit: K/M/G (powers of 1024), or bytes
     link: {rate: 100mbit, delay: 10ms, loss: 0.1%}
-    swarm: false             # true (one dockerd per device) is not implemented yet
+    delays: {pi2: 30ms}      # optional: packets pi1 receives FROM pi2 wait 30 ms instead of the link delay
+    swarm: false             # true: one dockerd inside the device, joined into the fleet's swarm
 ```
 
 ``rate`` is the bandwidth of the device's link in each direction (``kbit``/``mbit``/``gbit``, decimal),
 ``delay`` the one-way delay added to every packet the device receives (``ms``/``s``), ``loss`` the share of
-received packets dropped (``0.5%`` or ``0.005``).
+received packets dropped (``0.5%`` or ``0.005``). ``delays`` overrides ``delay`` per sending device, so the
+round trip between A and B is ``delay of B for packets from A + delay of A for packets from B``.
+A ``swarm: true`` device needs at least :data:`SWARM_MIN_MEMORY` of memory (its dockerd and containerd run
+inside its memory limit).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from layerline.testbed.errors import TestbedError
 
 __all__ = [
     "FORMAT_VERSION",
+    "SWARM_MIN_MEMORY",
     "DeviceSpec",
     "FleetSpec",
     "LinkSpec",
@@ -46,6 +51,11 @@ _NAME = re.compile(r"^[a-z][a-z0-9-]{0,14}$")
 _RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
 _MEM_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30}
 _DELAY_UNITS = {"ms": 1.0, "s": 1000.0, "us": 0.001}
+_DEVICE_KEYS = ("name", "cpu", "memory", "link", "delays", "swarm")
+#: Least memory of a ``swarm: true`` device. An idle dockerd + containerd of a swarm node charge 35-45 MB to
+#: the device's memory cgroup (peak 54-62 MB while the swarm forms; measured, docs/testbed.md) and each
+#: running container adds a containerd-shim of about 10 MB; 256M leaves room for a small workload.
+SWARM_MIN_MEMORY = 256 * 2**20
 
 
 def parse_rate(value: Any) -> int:
@@ -138,6 +148,16 @@ class DeviceSpec:
     memory_bytes: int
     link: LinkSpec
     swarm: bool = False
+    delays: tuple[tuple[str, float], ...] = ()  # (sending device, ms), sorted: overrides link.delay_ms
+
+    def delay_from(self, device: str) -> float:
+        """The delay (ms) of packets this device receives from ``device``."""
+        return dict(self.delays).get(device, self.link.delay_ms)
+
+    @property
+    def needs_delayer(self) -> bool:
+        """Whether any packet this device receives is delayed (by default or from some device)."""
+        return self.link.delay_ms > 0 or any(ms > 0 for _, ms in self.delays)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -146,6 +166,7 @@ class DeviceSpec:
             "memory_bytes": self.memory_bytes,
             "link": self.link.to_json(),
             "swarm": self.swarm,
+            "delays": dict(self.delays),
         }
 
     @classmethod
@@ -156,6 +177,7 @@ class DeviceSpec:
             int(data["memory_bytes"]),
             LinkSpec.from_json(data["link"]),
             bool(data["swarm"]),
+            tuple(sorted((str(k), float(v)) for k, v in dict(data.get("delays") or {}).items())),
         )
 
 
@@ -218,18 +240,28 @@ class FleetSpec:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise TestbedError(f"device names must be unique; repeated: {dupes}")
+        for d in devices:
+            for other, _ in d.delays:
+                if other == d.name:
+                    raise TestbedError(
+                        f"device {d.name!r}: delays names the device itself; list only the other devices "
+                        "whose packets it receives late"
+                    )
+                if other not in names:
+                    raise TestbedError(
+                        f"device {d.name!r}: delays names {other!r}, which is not a device of this fleet; "
+                        f"use one of: {', '.join(n for n in names if n != d.name)}"
+                    )
         return cls(str(data.get("name") or default_name), tuple(devices))
 
 
 def _device(item: Any, index: int, default_link: LinkSpec) -> DeviceSpec:
     where = f"devices[{index}]"
     if not isinstance(item, dict):
-        raise TestbedError(f"{where} must be a mapping with name, cpu, memory, link, swarm")
-    unknown = set(item) - {"name", "cpu", "memory", "link", "swarm"}
+        raise TestbedError(f"{where} must be a mapping with {', '.join(_DEVICE_KEYS)}")
+    unknown = set(item) - set(_DEVICE_KEYS)
     if unknown:
-        raise TestbedError(
-            f"{where} has unknown keys {sorted(unknown)}; allowed: name, cpu, memory, link, swarm"
-        )
+        raise TestbedError(f"{where} has unknown keys {sorted(unknown)}; allowed: {', '.join(_DEVICE_KEYS)}")
     name = str(item.get("name", ""))
     if not _NAME.match(name):
         raise TestbedError(
@@ -249,12 +281,23 @@ def _device(item: Any, index: int, default_link: LinkSpec) -> DeviceSpec:
     swarm = item.get("swarm", False)
     if not isinstance(swarm, bool):
         raise TestbedError(f"{where}: swarm must be true or false, not {swarm!r}")
+    memory = parse_memory(item["memory"])
+    if swarm and memory < SWARM_MIN_MEMORY:
+        raise TestbedError(
+            f"{where}: memory {item['memory']!r} is too little for swarm: true (its dockerd and containerd "
+            f"run inside the device's limit); give it at least memory: {SWARM_MIN_MEMORY >> 20}M"
+        )
+    raw_delays = item.get("delays") or {}
+    if not isinstance(raw_delays, dict):
+        raise TestbedError(f"{where}: delays must be a mapping of device name to delay, e.g. {{pi2: 30ms}}")
+    delays = tuple(sorted((str(k), parse_delay(v)) for k, v in raw_delays.items()))
     return DeviceSpec(
         name,
         cpu,
-        parse_memory(item["memory"]),
+        memory,
         LinkSpec.from_yaml(item.get("link"), default_link, where=f"{where} link"),
         swarm,
+        delays,
     )
 
 

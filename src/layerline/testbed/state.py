@@ -18,6 +18,7 @@ from layerline.testbed.errors import TestbedError
 from layerline.testbed.spec import DeviceSpec, FleetSpec
 
 __all__ = [
+    "DaemonRecord",
     "DeviceRecord",
     "Resource",
     "TestbedState",
@@ -53,8 +54,9 @@ def process_start_time(pid: int) -> int | None:
 
 @dataclass(frozen=True)
 class Resource:
-    """One created thing: ``netns`` (name), ``link`` (host interface), ``cgroup`` (directory) or ``process``
-    (role, pid, start time)."""
+    """One created thing: ``netns`` (name), ``link`` (host interface), ``cgroup`` (directory, removed with
+    the cgroups beneath it), ``dir`` (a directory, removed with its contents after unmounting anything
+    mounted beneath it) or ``process`` (role such as ``delayer:pi1`` or ``dockerd:pi1``, pid, start time)."""
 
     kind: str
     name: str
@@ -74,14 +76,66 @@ class Resource:
 
 
 @dataclass(frozen=True)
+class DaemonRecord:
+    """Where a ``swarm: true`` device's dockerd keeps its files.
+
+    ``dir`` holds its config, data root, pidfile and log; ``run_dir`` its API socket and exec root (the
+    same directory unless that path is too long for unix sockets); ``cgroups`` are the device's directories
+    in every cgroup hierarchy, which the daemon joins (its containers go to ``docker/`` beneath them).
+    """
+
+    dir: str
+    run_dir: str
+    cgroups: tuple[str, ...]
+
+    @property
+    def socket(self) -> str:
+        return str(Path(self.run_dir) / "docker.sock")
+
+    @property
+    def host(self) -> str:
+        """The ``DOCKER_HOST`` of the daemon: ``unix:///.../docker.sock``."""
+        return f"unix://{self.socket}"
+
+    @property
+    def exec_root(self) -> str:
+        return str(Path(self.run_dir) / "x")
+
+    @property
+    def data_root(self) -> str:
+        return str(Path(self.dir) / "data")
+
+    @property
+    def pidfile(self) -> str:
+        return str(Path(self.dir) / "docker.pid")
+
+    @property
+    def config_file(self) -> str:
+        return str(Path(self.dir) / "daemon.json")
+
+    @property
+    def log(self) -> str:
+        return str(Path(self.dir) / "dockerd.log")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dir": self.dir, "run_dir": self.run_dir, "cgroups": list(self.cgroups)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DaemonRecord:
+        return cls(str(data["dir"]), str(data["run_dir"]), tuple(str(c) for c in data["cgroups"]))
+
+
+@dataclass(frozen=True)
 class DeviceRecord:
-    """Where a device lives: its address, network namespace and cgroup directories."""
+    """Where a device lives: its address, network namespace, cgroup directories and (``swarm: true``) the
+    files of its dockerd."""
 
     spec: DeviceSpec
     address: str
     netns: str
     cpu_cgroup: str
     memory_cgroup: str
+    daemon: DaemonRecord | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -90,16 +144,19 @@ class DeviceRecord:
             "netns": self.netns,
             "cpu_cgroup": self.cpu_cgroup,
             "memory_cgroup": self.memory_cgroup,
+            "daemon": self.daemon.to_json() if self.daemon else None,
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DeviceRecord:
+        daemon = data.get("daemon")
         return cls(
             DeviceSpec.from_json(data["spec"]),
             str(data["address"]),
             str(data["netns"]),
             str(data["cpu_cgroup"]),
             str(data["memory_cgroup"]),
+            DaemonRecord.from_json(daemon) if daemon else None,
         )
 
 

@@ -1,7 +1,8 @@
 """A private dockerd in a single-node swarm for the swarm engine's tests (needs root, dockerd, debootstrap).
 
-The daemon has its own data root, exec root, socket and pidfile in a temporary directory, vfs storage, no
-iptables and no bridge; everything is stopped and removed at the end of the session.
+The daemon has its own data root, exec root, socket and pidfile in a temporary directory, overlay2 storage
+where the filesystem allows (else vfs), no iptables and no bridge; everything is stopped and removed at the
+end of the session.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 
 from layerline.engines.swarm.docker import DockerCli
 from layerline.errors import EngineError
+from layerline.testbed.dockerd import storage_driver
 
 #: Measured durations of the session fixtures (seconds), printed at the end of the session.
 TIMINGS: dict[str, float] = {}
@@ -90,7 +92,7 @@ def swarm_docker():
             "--exec-root", str(top / "x"),
             "-H", sock,
             "--pidfile", str(top / "docker.pid"),
-            "--storage-driver=vfs",
+            f"--storage-driver={storage_driver(top / 'data')}",  # overlay2 on ext4/xfs, else vfs
             "--iptables=false",
             "--bridge=none",
         ],
@@ -142,6 +144,26 @@ def worker_image(swarm_docker) -> str:
     )
     TIMINGS["worker image build"] = built.build_s
     TIMINGS["worker image size MB"] = built.size_bytes / 1e6
+    return built.tag
+
+
+@pytest.fixture(scope="session")
+def gateway_image(swarm_docker, worker_image, swarm_timings) -> str:
+    """The gateway image on top of the worker image, tagged as the engine's default gateway image."""
+    from layerline.engines.swarm.image import build_gateway_image, download_wheels
+    from layerline.engines.swarm.testbase import cache_dir
+
+    wheels = cache_dir() / "gateway-wheels-py311"
+    if not all(list(wheels.glob(p)) for p in ("pip-*.whl", "aiohttp-*.whl", "prometheus_client-*.whl")):
+        import importlib.metadata
+
+        pins = tuple(f"{n}=={importlib.metadata.version(n)}" for n in ("aiohttp", "prometheus_client", "pip"))
+        download_wheels(wheels, packages=pins)
+    built = build_gateway_image(worker_image, "layerline-gateway:latest", swarm_docker, wheels)
+    swarm_timings["gateway image build"] = built.build_s
+    swarm_timings["gateway image extra MB"] = (
+        built.size_bytes - int(swarm_docker.run(["image", "inspect", "--format", "{{.Size}}", worker_image]))
+    ) / 1e6
     return built.tag
 
 

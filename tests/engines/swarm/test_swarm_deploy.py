@@ -34,24 +34,31 @@ def _labelled(docker, kind: str, name: str) -> list[str]:
     return docker.run([kind, "ls", "-q", "--filter", f"label={LABEL}={name}"]).split()
 
 
-def test_deploy_three_stages_predict_status_down(swarm_docker, worker_image, tiny_vgg, swarm_timings):
+def test_deploy_three_stages_predict_status_down(
+    swarm_docker, worker_image, gateway_image, tiny_vgg, swarm_timings
+):
     model, sliced = tiny_vgg
-    engine = SwarmEngine(docker_host=swarm_docker.host, image=worker_image)
+    engine = SwarmEngine(docker_host=swarm_docker.host, image=worker_image, gateway_image=gateway_image)
     settings = DeploySettings(name="sw1", port=processes.free_port(), ready_timeout_s=120)
     t0 = time.monotonic()
     state = engine.deploy(resolve_target(sliced, 3), settings)
     swarm_timings["deploy (3 stages)"] = time.monotonic() - t0
     try:
-        assert len(_labelled(swarm_docker, "service", "sw1")) == 3
+        assert len(_labelled(swarm_docker, "service", "sw1")) == 5  # artifacts, 3 stages, gateway
         status = engine.status("sw1")
         assert status.ready, status.detail
-        assert [(s.stage, s.running, s.desired) for s in status.services] == [(0, 1, 1), (1, 1, 1), (2, 1, 1)]
+        assert [(s.role, s.running, s.desired) for s in status.services] == [
+            ("stage0", 1, 1), ("stage1", 1, 1), ("stage2", 1, 1), ("gateway", 1, 1), ("artifacts", 1, 1)
+        ]  # fmt: skip
+        assert not state.processes  # nothing runs outside the swarm
         node = swarm_docker.swarm_node()[0]
         for service in state.extra["services"]:
             spec = swarm_docker.run(
-                ["service", "inspect", "--format", "{{json .Spec.TaskTemplate.Placement}}", service]
+                ["service", "inspect", "--format", "{{json .Spec.TaskTemplate}}", service]
             )
             assert f"node.id=={node}" in spec
+            # only the artifact service sees the deployment directory; the others fetched their files
+            assert ('"Type":"bind"' in spec) == service.endswith("-artifacts"), service
         inputs = EXAMPLES["vgg16-tiny"].sample_inputs(2, np.random.default_rng(1))
         got = GatewayClient(state.url).infer(inputs)
         session = open_session(model)
@@ -62,33 +69,37 @@ def test_deploy_three_stages_predict_status_down(swarm_docker, worker_image, tin
         # the same name again is refused before anything is created, and the first keeps serving
         with pytest.raises(DeploymentExists, match="sw1"):
             engine.deploy(resolve_target(sliced, 2), DeploySettings(name="sw1", port=processes.free_port()))
-        assert len(_labelled(swarm_docker, "service", "sw1")) == 3
+        assert len(_labelled(swarm_docker, "service", "sw1")) == 5
         assert GatewayClient(state.url).ready()
     finally:
         engine.down("sw1")
     assert _labelled(swarm_docker, "service", "sw1") == []
     assert _labelled(swarm_docker, "config", "sw1") == []
     assert not swarm_docker.run(["ps", "-aq", "--filter", f"label={LABEL}=sw1"]).strip()
-    assert not processes.is_running(state.processes[0].pid)
     assert not deployment_dir("sw1").exists()
 
 
 def test_missing_image_is_a_clear_error_and_creates_nothing(swarm_docker, tiny_vgg):
     _, sliced = tiny_vgg
     engine = SwarmEngine(docker_host=swarm_docker.host, image="layerline-worker:absent")
-    with pytest.raises(EngineError, match=r"layerline-worker:absent.*build_worker_image"):
+    with pytest.raises(EngineError, match=r"layerline-worker:absent.*layerline image build"):
         engine.deploy(resolve_target(sliced, 2), DeploySettings(name="sw2", port=processes.free_port()))
     assert _labelled(swarm_docker, "service", "sw2") == []
     assert not deployment_dir("sw2").exists()
 
 
 def test_failing_stage_stops_deploy_with_its_log_and_leaves_nothing(
-    swarm_docker, worker_image, tiny_vgg, tmp_path
+    swarm_docker, worker_image, gateway_image, tiny_vgg, tmp_path
 ):
     _, sliced = tiny_vgg
+    # python3 works (the fetch step and the artifact service run), but the worker itself refuses to start
+    (tmp_path / "python3").write_text(
+        '#!/bin/sh\nif [ "$1 $2" = "-m layerline.runtime.worker" ]; then\n'
+        "  echo stage refuses to start; exit 3\nfi\n"
+        'exec /usr/bin/python3 "$@"\n'
+    )
     (tmp_path / "Dockerfile").write_text(
-        f"FROM {worker_image}\n"
-        'ENTRYPOINT ["python3", "-c", "import sys; print(\'stage refuses to start\'); sys.exit(3)"]\n'
+        f"FROM {worker_image}\nCOPY python3 /usr/local/bin/python3\nRUN chmod +x /usr/local/bin/python3\n"
     )
     swarm_docker.run(
         ["build", "-q", "-t", "layerline-worker:broken", str(tmp_path)], env={"DOCKER_BUILDKIT": "0"}
@@ -101,7 +112,7 @@ def test_failing_stage_stops_deploy_with_its_log_and_leaves_nothing(
     assert not deployment_dir("sw3").exists()
 
 
-def test_cli_deploy_status_down_on_the_swarm(swarm_docker, worker_image, tiny_vgg, tmp_path):
+def test_cli_deploy_status_down_on_the_swarm(swarm_docker, worker_image, gateway_image, tiny_vgg, tmp_path):
     """`layerline deploy --engine swarm`; `status --json` and `down` find the swarm engine by the state."""
     import json
     import subprocess
@@ -121,11 +132,11 @@ def test_cli_deploy_status_down_on_the_swarm(swarm_docker, worker_image, tiny_vg
     )  # fmt: skip
     assert out.returncode == 0, out.stderr + out.stdout
     try:
-        assert len(_labelled(swarm_docker, "service", "swcli")) == 2
+        assert len(_labelled(swarm_docker, "service", "swcli")) == 4
         doc = json.loads(layerline("status", "--name", "swcli", "--json").stdout)
         (dep,) = doc["deployments"]
         assert dep["engine"] == "swarm" and dep["ready"]
-        assert [s["replicas"] for s in dep["services"]] == ["1/1", "1/1"]
+        assert [s["replicas"] for s in dep["services"]] == ["1/1"] * 4
         x = EXAMPLES["vgg16-tiny"].sample_inputs(1, np.random.default_rng(5))["input"]
         np.save(tmp_path / "x.npy", x)
         assert layerline("predict", str(tmp_path / "x.npy"), "--name", "swcli").returncode == 0

@@ -6,15 +6,19 @@ from layerline.engines.swarm.docker import DockerCli
 from layerline.engines.swarm.engine import LABEL, ServiceStatus, SwarmEngine, SwarmStatus
 from layerline.engines.swarm.image import (
     DEFAULT_BASE_IMAGE,
+    DEFAULT_GATEWAY_IMAGE,
     DEFAULT_WORKER_IMAGE,
     DOCKERFILE,
     BuiltImage,
+    build_gateway_image,
     build_worker_image,
     download_wheels,
 )
+from layerline.engines.swarm.nodes import SwarmNode, list_nodes
 
 __all__ = [
     "DEFAULT_BASE_IMAGE",
+    "DEFAULT_GATEWAY_IMAGE",
     "DEFAULT_WORKER_IMAGE",
     "DOCKERFILE",
     "LABEL",
@@ -22,7 +26,10 @@ __all__ = [
     "DockerCli",
     "ServiceStatus",
     "SwarmEngine",
+    "SwarmNode",
     "SwarmStatus",
+    "build_gateway_image",
     "build_worker_image",
     "download_wheels",
+    "list_nodes",
 ]

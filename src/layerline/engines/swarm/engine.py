@@ -1,11 +1,11 @@
-"""The ``swarm`` engine: one Docker Swarm service per stage, the gateway as a process on the manager.
+"""The ``swarm`` engine: one Docker Swarm service per stage, pinned to the node of the stage's device.
 
-This increment runs on the manager node only: each stage's service is pinned to the manager
-(``--constraint node.id==...``), uses the host's network (``--network host``: no IPVS or overlay needed, the
-stages chain over loopback exactly as the local engine's do), and reads its merged stage graph and worker
-config from the deployment directory, bind-mounted read-only at the same path (swarm configs are limited to
-500 KB, far below a stage graph). Every service carries the label ``layerline.deployment=NAME``; ``down``
-removes exactly the services and configs with that label. See docs/swarm.md.
+Each planned device runs on a node (:mod:`layerline.engines.swarm.nodes`: label ``layerline.device`` or the
+hostname); a balanced split with no devices runs on the manager. Services use their node's host network
+(no overlay or IPVS needed: workers chain node address to node address). Stage graphs reach other nodes
+through an artifact service on the manager (:mod:`layerline.engines.swarm.artifacts`; swarm configs are
+limited to 500 KB, far below a stage graph), and the gateway runs as a service on the source node. Every
+object carries ``layerline.deployment=NAME``; ``down`` removes exactly those. See docs/swarm.md.
 """
 
 from __future__ import annotations
@@ -13,37 +13,42 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from layerline.engines import processes
 from layerline.engines.local import DeploySettings, http_health
 from layerline.engines.stages import DeployTarget
 from layerline.engines.state import (
     DeploymentState,
-    ProcessRecord,
     deployment_dir,
     list_deployments,
     load_state,
     save_state,
 )
 from layerline.engines.swarm.docker import DockerCli
-from layerline.engines.swarm.image import DEFAULT_WORKER_IMAGE
+from layerline.engines.swarm.image import DEFAULT_GATEWAY_IMAGE, DEFAULT_WORKER_IMAGE
+from layerline.engines.swarm.nodes import SwarmNode, list_nodes, map_devices
+from layerline.engines.swarm.services import (
+    LABEL,
+    MAX_RESTARTS,
+    artifact_service,
+    gateway_service,
+    service_name,
+    stage_service,
+)
 from layerline.errors import DeploymentExists, EngineError, FormatError
 
-__all__ = ["LABEL", "ServiceStatus", "SwarmEngine", "SwarmStatus"]
+__all__ = ["LABEL", "MAX_RESTARTS", "ServiceStatus", "SwarmEngine", "SwarmStatus", "swarm_ports"]
 
 log = logging.getLogger(__name__)
-
-#: The label every object of a deployment carries: ``layerline.deployment=NAME``.
-LABEL = "layerline.deployment"
-#: Restarts of a stage that fails after start-up (a failure during ``deploy`` stops the deploy at once).
-MAX_RESTARTS = 3
 
 
 @dataclass(frozen=True)
 class ServiceStatus:
-    """One stage's service: replicas running/desired and the latest task's state and error."""
+    """One service: its role, node, replicas running/desired and the latest task's state and error.
+
+    ``stage`` is the stage index, -1 for the gateway and the artifact service.
+    """
 
     stage: int
     service: str
@@ -51,6 +56,25 @@ class ServiceStatus:
     desired: int
     state: str = ""
     error: str = ""
+    role: str = ""
+    node: str = ""
+    node_state: str = ""
+
+    @property
+    def healthy(self) -> bool:
+        return self.running >= 1 and self.running == self.desired and self.node_state in ("", "ready")
+
+    def to_json(self) -> dict:
+        return {
+            "stage": self.stage,
+            "role": self.role,
+            "service": self.service,
+            "node": self.node,
+            "node_state": self.node_state,
+            "replicas": f"{self.running}/{self.desired}",
+            "state": self.state,
+            "error": self.error,
+        }
 
 
 @dataclass(frozen=True)
@@ -69,21 +93,26 @@ class SwarmStatus:
             "ready": self.ready,
             "detail": self.detail,
             "gateway_running": self.gateway_running,
-            "services": [
-                {
-                    "stage": s.stage,
-                    "service": s.service,
-                    "replicas": f"{s.running}/{s.desired}",
-                    "state": s.state,
-                    "error": s.error,
-                }
-                for s in self.services
-            ],
+            "services": [s.to_json() for s in self.services],
         }
 
 
-def service_name(deployment: str, stage: int) -> str:
-    return f"layerline-{deployment}-stage{stage}"
+def swarm_ports(port: int, stages: int) -> dict[str, int]:
+    """The ports a deployment uses on its nodes: gateway ``P``, results ``P+1``, artifacts ``P+2``,
+    stage ``i`` ``P+3+i`` (each on its own node's address)."""
+    ports = {"gateway": port, "result": port + 1, "artifacts": port + 2}
+    ports.update({f"stage{i}": port + 3 + i for i in range(stages)})
+    if max(ports.values()) > 65535:
+        raise EngineError(
+            f"--port {port} leaves no room for {stages} stage ports above it; pick a lower port"
+        )
+    return ports
+
+
+def _stage_files(workdir: Path, index: int) -> list[str]:
+    """The manifest paths of stage ``index``: its config, graph and any external-data files."""
+    stage_dir = workdir / "stages"
+    return sorted(p.relative_to(workdir).as_posix() for p in stage_dir.glob(f"stage{index}.*") if p.is_file())
 
 
 class SwarmEngine:
@@ -91,9 +120,15 @@ class SwarmEngine:
 
     name = "swarm"
 
-    def __init__(self, docker_host: str | None = None, image: str = DEFAULT_WORKER_IMAGE) -> None:
+    def __init__(
+        self,
+        docker_host: str | None = None,
+        image: str = DEFAULT_WORKER_IMAGE,
+        gateway_image: str = DEFAULT_GATEWAY_IMAGE,
+    ) -> None:
         self.docker = DockerCli(docker_host)
         self.image = image
+        self.gateway_image = gateway_image
 
     # ---- deploy -------------------------------------------------------------------------------------
     def deploy(
@@ -101,64 +136,109 @@ class SwarmEngine:
         target: DeployTarget,
         settings: DeploySettings,
         progress: Callable[[str], None] = lambda _msg: None,
+        cpu_limits: dict[str, float] | None = None,
     ) -> DeploymentState:
-        """Create one pinned service per stage and start the gateway; return once the chain is ready.
+        """Create the artifact service, one pinned service per stage and the gateway service; return once
+        the chain is ready.
 
-        On any failure everything this call created (services, gateway, directory) is removed and the
-        error names the stage and shows its task error or log.
+        ``cpu_limits``: device → cores for ``--limit-cpu``/``--reserve-cpu`` of its stages (e.g. a
+        cluster's ``cpu_quota``). On any failure everything this call created is removed and the error names
+        the service and shows its task error or log.
         """
-        from layerline.engines.configs import write_deployment_files
+        from layerline.engines.configs import Endpoints, write_deployment_files
         from layerline.engines.placement import place
 
         if settings.transport != "tcp":
             raise EngineError(f"the swarm engine supports transport 'tcp' only, got {settings.transport!r}")
-        node, manager = self.docker.swarm_node()
-        if not manager:
+        manager_id, is_manager = self.docker.swarm_node()
+        if not is_manager:
             raise EngineError(
                 "this docker daemon is a swarm worker; point the swarm engine at a manager node"
             )
-        self._check_image()
+        self._check_images()
+        nodes = list_nodes(self.docker)
+        manager = next(n for n in nodes if n.id == manager_id)
+        stage_nodes, gateway_node = self._map(target, nodes, manager)
+        ports = swarm_ports(settings.port, len(target.ranges))
         self._refuse_conflicts(settings)
         placed = place(target, None, settings.threads)
         workdir = deployment_dir(settings.name).resolve()
         workdir.mkdir(parents=True, exist_ok=True)
-        services: list[str] = []
-        gateway: ProcessRecord | None = None
+        url = f"http://{gateway_node.address}:{settings.port}"
+        settings = replace(settings, host=gateway_node.address)
         t0 = time.monotonic()
         try:
             progress(f"writing {len(target.ranges)} stage models")
-            files = write_deployment_files(target, settings, workdir, [s.threads for s in placed.stages])
-            for i, cfg in enumerate(files.worker_configs):
-                progress(f"creating service for stage {i}")
-                services.append(self._create_service(settings.name, i, node, workdir, cfg))
-            logfile = workdir / "logs" / "gateway.log"
-            proc = processes.spawn(
-                ["-m", "layerline.engines.gateway_main", "--config", str(files.gateway_config)], logfile
+            endpoints = Endpoints(
+                tuple((n.address, ports[f"stage{i}"]) for i, n in enumerate(stage_nodes)),
+                (gateway_node.address, ports["result"]),
             )
-            gateway = ProcessRecord("gateway", proc.pid, str(logfile), settings.port)
+            files = write_deployment_files(
+                target, settings, workdir, [s.threads for s in placed.stages], endpoints
+            )
+            from layerline.engines.swarm.artifacts import write_manifest
+
+            listed = [*sorted((workdir / "stages").iterdir()), files.gateway_config]
+            write_manifest(workdir, [p for p in listed if p.is_file()])
+            artifacts_url = f"http://{manager.address}:{ports['artifacts']}"
+            specs = [
+                artifact_service(
+                    settings.name, self.image, manager.id, workdir, manager.address, ports["artifacts"]
+                )
+            ]
+            for i, (cfg, node) in enumerate(zip(files.worker_configs, stage_nodes, strict=True)):
+                limit = (cpu_limits or {}).get(target.devices[i])
+                specs.append(
+                    stage_service(
+                        settings.name, i, self.image, node.id, workdir, _stage_files(workdir, i), cfg,
+                        artifacts_url, limit,
+                    )
+                )  # fmt: skip
+            specs.append(
+                gateway_service(
+                    settings.name, self.gateway_image, gateway_node.id, workdir, files.gateway_config,
+                    artifacts_url,
+                )
+            )  # fmt: skip
+            for spec in specs:
+                progress(f"creating service {spec.role} on {self._hostname(nodes, spec.node_id)}")
+                self.docker.run(list(spec.args))
             state = DeploymentState(
                 name=settings.name,
                 engine=self.name,
-                url=f"http://{settings.host}:{settings.port}",
-                host=settings.host,
+                url=url,
+                host=gateway_node.address,
                 port=settings.port,
                 sliced=str(target.sliced_dir.resolve()),
                 stages=tuple(
-                    {"index": i, "blocks": list(r), "device": d, "threads": p.threads, "service": s}
-                    for i, (r, d, p, s) in enumerate(
-                        zip(target.ranges, target.devices, placed.stages, services, strict=True)
+                    {
+                        "index": i,
+                        "blocks": list(r),
+                        "device": d,
+                        "threads": p.threads,
+                        "service": service_name(settings.name, f"stage{i}"),
+                        "node": n.id,
+                        "hostname": n.hostname,
+                        "address": n.address,
+                    }
+                    for i, (r, d, p, n) in enumerate(
+                        zip(target.ranges, target.devices, placed.stages, stage_nodes, strict=True)
                     )
                 ),
-                processes=(gateway,),
+                processes=(),
                 started_at=time.time(),
                 extra={
                     "image": self.image,
-                    "node": node,
+                    "gateway_image": self.gateway_image,
+                    "manager": manager.id,
+                    "gateway_node": gateway_node.id,
                     "docker_host": self.docker.host,
-                    "services": services,
+                    "services": [s.name for s in specs],
+                    "ports": ports,
                     "exact": settings.exact,
                     "transport": "tcp",
-                    "delivery": "bind-mount",
+                    "delivery": "artifact-service",
+                    "source_device": target.source_device,
                 },
             )
             save_state(state)
@@ -167,42 +247,31 @@ class SwarmEngine:
             log.info("deployment %s ready in %.1f s", settings.name, time.monotonic() - t0)
             return state
         except BaseException:
-            if gateway is not None:
-                processes.stop_processes([gateway.pid], timeout_s=3.0)
             self._remove_objects(settings.name)
             _remove_dir(workdir)
             raise
 
-    def _check_image(self) -> None:
-        out = self.docker.run(["image", "ls", "-q", self.image])
-        if not out.strip():
-            raise EngineError(
-                f"the worker image {self.image!r} is not on this docker daemon; build it with "
-                "layerline.engines.swarm.build_worker_image() or `docker load` it (see docs/swarm.md)"
-            )
+    def _map(
+        self, target: DeployTarget, nodes: list[SwarmNode], manager: SwarmNode
+    ) -> tuple[list[SwarmNode], SwarmNode]:
+        """Each stage's node and the gateway's (the source device's node)."""
+        if target.source == "balanced" or all(d == "local" for d in target.devices):
+            return [manager] * len(target.ranges), manager
+        source = target.source_device or target.devices[0]
+        mapping = map_devices(nodes, [*target.devices, source])
+        return [mapping[d] for d in target.devices], mapping[source]
 
-    def _create_service(self, deployment: str, index: int, node: str, workdir: Path, config: Path) -> str:
-        name = service_name(deployment, index)
-        label = f"{LABEL}={deployment}"
-        self.docker.run(
-            [
-                "service", "create", "--detach", "--quiet",
-                "--name", name,
-                "--label", label, "--label", f"layerline.stage={index}",
-                "--container-label", label,
-                "--constraint", f"node.id=={node}",
-                "--restart-condition", "on-failure",
-                "--restart-max-attempts", str(MAX_RESTARTS),
-                "--restart-delay", "1s",
-                "--stop-grace-period", "5s",
-                "--network", "host",
-                "--no-resolve-image",
-                "--mount", f"type=bind,source={workdir},target={workdir},readonly",
-                self.image,
-                "--config", str(config),
-            ]
-        )  # fmt: skip
-        return name
+    @staticmethod
+    def _hostname(nodes: list[SwarmNode], node_id: str) -> str:
+        return next((n.hostname for n in nodes if n.id == node_id), node_id[:12])
+
+    def _check_images(self) -> None:
+        for image, what in ((self.image, "worker"), (self.gateway_image, "gateway")):
+            if not self.docker.run(["image", "ls", "-q", image]).strip():
+                raise EngineError(
+                    f"the {what} image {image!r} is not on this docker daemon; build it with "
+                    "`layerline image build` or load it (`layerline image load`, see docs/swarm.md)"
+                )
 
     def _refuse_conflicts(self, settings: DeploySettings) -> None:
         if self._labelled("service", settings.name):
@@ -215,30 +284,20 @@ class SwarmEngine:
                 old = load_state(settings.name)
             except FormatError:
                 old = None
-            if old is not None and any(processes.is_running(p.pid) for p in old.processes):
+            if old is not None and old.engine != self.name:
                 raise DeploymentExists(
-                    f"a deployment named {settings.name!r} is already running at {old.url}; stop it with "
+                    f"a {old.engine} deployment named {settings.name!r} exists at {old.url}; stop it with "
                     f"`layerline down --name {settings.name}` or pick another --name"
                 )
             _remove_dir(deployment_dir(settings.name))
-        if processes.port_in_use(settings.host, settings.port):
-            raise DeploymentExists(
-                f"port {settings.port} on {settings.host} is already in use; stop what uses it or pass --port"
-            )
 
     def _wait_ready(self, state: DeploymentState, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         detail = ""
         next_check = 0.0
         while time.monotonic() < deadline:
-            gateway = state.processes[0]
-            if not processes.is_running(gateway.pid):
-                raise EngineError(
-                    f"the gateway exited during start-up; its log ({gateway.log}) ends with:\n"
-                    f"{processes.tail(Path(gateway.log)) or '(empty)'}"
-                )
             if time.monotonic() >= next_check:
-                self._raise_on_failed_stage(state)
+                self._raise_on_failed_service(state)
                 next_check = time.monotonic() + 1.0
             health = http_health(state.url)
             detail = health.detail
@@ -247,10 +306,10 @@ class SwarmEngine:
             time.sleep(0.2)
         raise EngineError(
             f"the pipeline was not ready within {timeout_s:.0f} s ({detail}); "
-            f"stages: {self._describe_services(state.name)}; raise --timeout for very large models"
+            f"services: {self._describe_services(state.name)}; raise --timeout for very large models"
         )
 
-    def _raise_on_failed_stage(self, state: DeploymentState) -> None:
+    def _raise_on_failed_service(self, state: DeploymentState) -> None:
         for s in self._service_statuses(state):
             tasks = self._tasks(s.service)
             # during start-up a failed task is almost always deterministic (a graph onnxruntime rejects,
@@ -262,25 +321,38 @@ class SwarmEngine:
             ]
             if failed:
                 task = failed[0]
+                what = f"stage {s.stage}" if s.stage >= 0 else s.role
                 raise EngineError(
-                    f"stage {s.stage} ({s.service}) failed to start: {task.get('CurrentState')}: "
-                    f"{task.get('Error')}; its log ends with:\n{self._logs(s.service) or '(empty)'}"
+                    f"{what} ({s.service}) on node {s.node or '?'} failed to start: "
+                    f"{task.get('CurrentState')}: {task.get('Error')}; its log ends with:\n"
+                    f"{self._logs(s.service) or '(empty)'}"
                 )
 
     # ---- status / down ------------------------------------------------------------------------------
     def status(self, name: str) -> SwarmStatus:
-        """Replicas running/desired per stage, the gateway process, and the gateway's readiness."""
+        """Per service: node (and its state), replicas running/desired, last error; the pipeline's readiness.
+
+        A stage whose node is down or unreachable is named with the reason in ``detail``.
+        """
         state = load_state(name)
         services = self._service_statuses(state)
-        gateway = state.processes[0]
-        running = processes.is_running(gateway.pid)
-        if not running:
-            return SwarmStatus(state, services, False, False, "gateway process is not running")
+        gateway = next((s for s in services if s.role == "gateway"), None)
+        gateway_running = gateway is not None and gateway.running >= 1
+        lost = [s for s in services if s.node_state not in ("", "ready")]
+        problems = [
+            f"{s.role} on node {s.node} ({s.node_state}"
+            f"{', its tasks cannot run there' if s.stage >= 0 else ''})"
+            for s in lost
+        ]
+        if not gateway_running:
+            problems.append("gateway service is not running" + (f": {gateway.error}" if gateway else ""))
+            return SwarmStatus(state, services, False, False, "; ".join(problems))
         health = http_health(state.url)
-        return SwarmStatus(state, services, True, health.ready, health.detail)
+        detail = "; ".join([*problems, health.detail] if problems else [health.detail])
+        return SwarmStatus(state, services, True, health.ready and not lost, detail)
 
     def down(self, name: str) -> DeploymentState | None:
-        """Remove the services and configs labelled with ``name``, stop the gateway, remove the state.
+        """Remove the services and configs labelled with ``name``, then the deployment's state.
 
         Works without a state file too (objects left by a crashed deploy); returns the state when found.
         """
@@ -288,9 +360,13 @@ class SwarmEngine:
             state: DeploymentState | None = load_state(name)
         except FormatError:
             state = None
-        if state is not None:
+        if state is not None and state.processes:  # a deployment made by an older version
+            from layerline.engines import processes
+
             processes.stop_processes([p.pid for p in state.processes])
         self._remove_objects(name)
+        if state is not None:
+            _wait_endpoints_closed(_endpoints(state))
         _remove_dir(deployment_dir(name))
         return state
 
@@ -318,24 +394,47 @@ class SwarmEngine:
             s["Name"]: s
             for s in self.docker.json_lines(["service", "ls", "--filter", f"label={LABEL}={state.name}"])
         }
+        try:
+            nodes = {n.id: n for n in list_nodes(self.docker)}
+        except EngineError:
+            nodes = {}
+        wanted: list[tuple[int, str, str, str]] = [
+            (
+                int(st["index"]),
+                f"stage{st['index']}",
+                str(st.get("service") or service_name(state.name, f"stage{st['index']}")),
+                str(st.get("node") or ""),
+            )
+            for st in state.stages
+        ]
+        for role, key in (("gateway", "gateway_node"), ("artifacts", "manager")):
+            if f"layerline-{state.name}-{role}" in state.extra.get("services", []):
+                wanted.append((-1, role, service_name(state.name, role), str(state.extra.get(key) or "")))
         result = []
-        for stage in state.stages:
-            name = str(stage.get("service") or service_name(state.name, int(stage["index"])))
+        for index, role, name, node_id in wanted:
+            node = nodes.get(node_id)
+            where = node.hostname if node else node_id[:12]
+            node_state = (node.state if node.availability == "active" else node.availability) if node else ""
             row = listed.get(name)
             if row is None:
-                result.append(ServiceStatus(int(stage["index"]), name, 0, 0, "missing", "service not found"))
+                result.append(
+                    ServiceStatus(index, name, 0, 0, "missing", "service not found", role, where, node_state)
+                )
                 continue
             running, _, desired = str(row.get("Replicas", "0/0")).partition("/")
             tasks = self._tasks(name)
             latest = tasks[0] if tasks else {}
             result.append(
                 ServiceStatus(
-                    int(stage["index"]),
+                    index,
                     name,
                     int(running or 0),
                     int((desired.split() or ["0"])[0]),
                     str(latest.get("CurrentState", "")),
                     str(latest.get("Error", "")),
+                    role,
+                    where,
+                    node_state,
                 )
             )
         return tuple(result)
@@ -353,11 +452,47 @@ class SwarmEngine:
         try:
             state = load_state(name)
             return "; ".join(
-                f"stage {s.stage} {s.running}/{s.desired} {s.state} {s.error}".strip()
+                f"{s.role} {s.running}/{s.desired} {s.state} {s.error}".strip()
                 for s in self._service_statuses(state)
             )
         except (EngineError, FormatError) as exc:
             return f"(cannot list services: {exc})"
+
+
+def _endpoints(state: DeploymentState) -> list[tuple[str, int]]:
+    """Where a swarm deployment's services listened (node address, port)."""
+    ports = state.extra.get("ports") or {}
+    found = [
+        (str(st.get("address")), int(ports[f"stage{st['index']}"]))
+        for st in state.stages
+        if st.get("address")
+    ]
+    if "gateway" in ports:
+        found.append((state.host, int(ports["gateway"])))
+    return found
+
+
+def _wait_endpoints_closed(endpoints: list[tuple[str, int]], timeout_s: float = 30.0) -> None:
+    """Wait (bounded) until nothing answers on ``endpoints`` any more: containers on other nodes stop after
+    ``service rm`` returns, and a deployment started right away on the same ports must find them free. An
+    endpoint that does not answer at all (its node is cut off) counts as closed."""
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    pending = list(endpoints)
+    while pending and time.monotonic() < deadline:
+        still = []
+        for host, port in pending:
+            try:
+                socket.create_connection((host, port), timeout=0.5).close()
+                still.append((host, port))
+            except OSError:
+                pass
+        pending = still
+        if pending:
+            time.sleep(0.3)
+    if pending:
+        log.warning("still listening %.0f s after down: %s", timeout_s, pending)
 
 
 def _remove_dir(path: Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from layerline.engines.swarm.docker import DockerCli
 from layerline.errors import EngineError
 
-__all__ = ["BASE_TAG", "cache_dir", "ensure_base_image", "ensure_rootfs_tar"]
+__all__ = ["BASE_TAG", "cache_dir", "ensure_base_image", "ensure_rootfs_tar", "ensure_test_images"]
 
 log = logging.getLogger(__name__)
 
@@ -67,3 +67,35 @@ def ensure_base_image(docker: DockerCli, tag: str = BASE_TAG, cache: Path | None
     tar = ensure_rootfs_tar(cache)
     docker.run(["import", str(tar), tag], timeout_s=600)
     return tag
+
+
+def ensure_test_images(
+    docker: DockerCli, worker_tag: str = "layerline-worker:test", gateway_tag: str = "layerline-gateway:test"
+) -> tuple[str, str]:
+    """The worker and gateway images on ``docker``, built FROM the cached base with cached wheels.
+
+    Builds only what the daemon lacks; wheels are downloaded once into the cache (pinned to the host's
+    onnxruntime, numpy, aiohttp and prometheus_client).
+    """
+    import importlib.metadata
+
+    from layerline.engines.swarm.image import build_gateway_image, build_worker_image, download_wheels
+
+    def has(tag: str) -> bool:
+        return bool(docker.run(["image", "ls", "-q", tag]).strip())
+
+    cache = cache_dir()
+    if not has(worker_tag):
+        wheels = cache / "worker-wheels-py311"
+        if not all(list(wheels.glob(p)) for p in ("pip-*.whl", "onnxruntime-*.whl", "numpy-*.whl")):
+            download_wheels(wheels)
+        build_worker_image(base_image=ensure_base_image(docker), tag=worker_tag, docker=docker, wheels=wheels)
+    if not has(gateway_tag):
+        wheels = cache / "gateway-wheels-py311"
+        if not all(list(wheels.glob(p)) for p in ("pip-*.whl", "aiohttp-*.whl", "prometheus_client-*.whl")):
+            pins = tuple(
+                f"{n}=={importlib.metadata.version(n)}" for n in ("aiohttp", "prometheus_client", "pip")
+            )
+            download_wheels(wheels, packages=pins)
+        build_gateway_image(worker_tag, gateway_tag, docker, wheels)
+    return worker_tag, gateway_tag
