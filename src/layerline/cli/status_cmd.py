@@ -65,12 +65,23 @@ def print_swarm_status(status) -> None:
     ready = "[green]ready[/]" if status.ready else f"[red]not ready[/] ({status.detail})"
     console.print(f"[bold]{state.name}[/]  engine=swarm  {state.url}  {ready}")
     table = Table()
-    for col in ("stage", "service", "replicas", "state", "error"):
+    for col in ("role", "blocks", "node", "replicas", "state", "error"):
         table.add_column(col)
+    blocks = {int(st["index"]): st.get("blocks") for st in state.stages}
     for s in status.services:
-        table.add_row(str(s.stage), s.service, f"{s.running}/{s.desired}", s.state, s.error)
-    gateway = "[green]running[/]" if status.gateway_running else "[red]not running[/]"
-    table.add_row("gateway", "(local process)", "", gateway, "")
+        span = blocks.get(s.stage) if s.stage >= 0 else None
+        where = s.node if s.node_state in ("", "ready") else f"{s.node} [red]({s.node_state})[/]"
+        replicas = f"{s.running}/{s.desired}"
+        if s.running < s.desired or s.desired == 0:
+            replicas = f"[red]{replicas}[/]"
+        table.add_row(
+            s.role or f"stage{s.stage}",
+            f"{span[0]}-{span[1] - 1}" if span else "",
+            where,
+            replicas,
+            s.state,
+            s.error,
+        )
     console.print(table)
 
 

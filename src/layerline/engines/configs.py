@@ -138,6 +138,10 @@ def write_deployment_files(
             "prefix": settings.name,
             "stages": len(ports),
         }
+        autoscale = getattr(settings, "autoscale", None)
+        if autoscale is not None:  # stages the autoscaler may take to zero replicas: waiting, not broken
+            elastic = [k for k, policy in enumerate(autoscale.stages) if policy.min_replicas == 0]
+            gateway["pipeline"]["elastic_stages"] = elastic
     gateway_path = workdir / "gateway.json"
     gateway_path.write_text(json.dumps(gateway, indent=2))
     return DeploymentFiles(tuple(configs), tuple(ports), gateway_path)

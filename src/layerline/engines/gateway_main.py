@@ -44,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
             from layerline.runtime.redis_pipeline import RedisPipeline
 
             pipeline = RedisPipeline(
-                p["redis_url"], stages=p["stages"], prefix=p["prefix"], max_in_flight=settings.max_in_flight
+                p["redis_url"],
+                stages=p["stages"],
+                prefix=p["prefix"],
+                max_in_flight=settings.max_in_flight,
+                elastic_stages=p.get("elastic_stages", ()),
             )
             run_gateway(pipeline, model, settings)
             return 0

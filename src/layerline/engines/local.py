@@ -518,6 +518,17 @@ class LocalEngine:
         health = http_health(state.url)
         procs = tuple(_with_health(p, health) for p in procs)
         ready, detail = health.ready, health.detail
+        elastic = sorted(k for k in range(len(state.stages)) if state.desired_replicas(k) == 0)
+        if ready and elastic and state.extra.get("transport") == "redis":
+            # the gateway knows these stages may be at zero (min_replicas 0) and lets requests wait for them
+            which = (
+                f"stage {elastic[0]} is"
+                if len(elastic) == 1
+                else f"stages {', '.join(map(str, elastic))} are"
+            )
+            detail = (
+                f"{which} scaled to zero by the autoscaler: a request waiting in the stream wakes a replica"
+            )
         idle = sorted(k for k, (ok, _d) in health.stages.items() if not ok and state.desired_replicas(k) == 0)
         if not ready and idle and _serving(state, health):
             which = f"stage {idle[0]} is" if len(idle) == 1 else f"stages {', '.join(map(str, idle))} are"

@@ -27,7 +27,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +83,7 @@ class RedisPipeline:
         block_ms: int = 1000,
         budget_margin_s: float | None = None,
         blob_min_bytes: int = DEFAULT_BLOB_MIN_BYTES,
+        elastic_stages: Collection[int] = (),
     ) -> None:
         if stages < 1:
             raise ValueError(f"a pipeline needs at least one stage, got stages={stages}")
@@ -96,6 +97,8 @@ class RedisPipeline:
         self.block_ms = block_ms
         self.budget_margin_s = budget_margin_s
         self.blob_min_bytes = blob_min_bytes
+        #: stages an autoscaler may scale to zero: no live consumer there is "waiting to be woken", not broken
+        self.elastic_stages = frozenset(int(k) for k in elastic_stages)
         self.duplicate_replies = 0
         self.lost_requests = 0  # failed because the server lost its data
         self.gateway_id = 0
@@ -328,9 +331,11 @@ class RedisPipeline:
         for load in loads:
             k = load.stage
             detail = f"{load.live} live consumer(s), {load.pending} entries pending, {load.waiting} waiting"
-            if not load.live:
+            if not load.live and k in self.elastic_stages:
+                detail = f"scaled to zero: requests wait in {self.keys.stage(k)} until a replica starts"
+            elif not load.live:
                 detail = f"no live consumer on {self.keys.stage(k)} (start a worker for stage {k}); {detail}"
-            stages.append(StageHealth(k, bool(load.live), detail))
+            stages.append(StageHealth(k, bool(load.live) or k in self.elastic_stages, detail))
         ready = all(s.ready for s in stages)
         detail = "" if ready else "; ".join(f"stage {s.stage}: {s.detail}" for s in stages if not s.ready)
         return PipelineHealth(ready, tuple(stages), detail)
