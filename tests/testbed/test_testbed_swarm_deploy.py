@@ -18,6 +18,7 @@ from testbed_support import up_when_free
 from layerline.engines.local import DeploySettings
 from layerline.engines.stages import resolve_target
 from layerline.engines.swarm import SwarmEngine
+from layerline.engines.swarm.agents import SwarmAgents, swarm_cluster
 from layerline.engines.swarm.docker import DockerCli
 from layerline.engines.swarm.replan import heal
 from layerline.engines.swarm.testbase import ensure_test_images
@@ -26,7 +27,6 @@ from layerline.examples import EXAMPLES, build_example
 from layerline.graph import Manifest, slice_model
 from layerline.plan.format import Plan, PlanStage, save_plan
 from layerline.profile import BenchmarkOptions, run_benchmark, save_profile
-from layerline.profile.testbed_devices import testbed_cluster
 from layerline.runtime.session import open_session
 from layerline.serve.client import GatewayClient
 from layerline.testbed import FleetSpec, docker_host, down, load_image
@@ -98,18 +98,27 @@ def test_stages_on_three_nodes_then_a_node_is_cut_off(fleet, plan):
     model, plan_path = plan
     manager = docker_host(state, "n1")
     engine = SwarmEngine(docker_host=manager, image=worker, gateway_image=gateway)
-    # the profile a real user would have from `layerline benchmark`: the testbed's devices are the nodes
+    # `layerline benchmark --engine swarm`: one agent service per node, results over TCP from the agents
     sliced = Path(plan_path.parent / "vgg.sliced")
     opts = BenchmarkOptions(warmup=1, repeats=5, pings=3, transfer_repeats=1)
-    profile = run_benchmark(sliced, testbed_cluster(state), opts)
+    docker = DockerCli(manager)
+    agents = SwarmAgents(docker, worker)
+    t0 = time.monotonic()
+    profile = run_benchmark(sliced, swarm_cluster(docker), opts, agents=agents)
+    TIMES["benchmark --engine swarm (s)"] = time.monotonic() - t0
     assert not profile.failures, profile.failures
+    assert [d.name for d in profile.devices] == ["n1", "n2", "n3"]
+    assert [d.address for d in profile.devices] == ["10.213.0.10", "10.213.0.11", "10.213.0.12"]
+    n1_to_n3 = profile.link("n1", "n3")
+    assert n1_to_n3 is not None and n1_to_n3.one_way_latency_s >= 0.0009  # 1 ms receive delay per device
+    assert not docker.run(["service", "ls", "-q", "--filter", "label=layerline.benchmark"]).strip()
+    assert len(profile.blocks) == 3 * Manifest.load(sliced).num_blocks
     profile_path = save_profile(profile, plan_path.parent / "vgg.profile.json")
     t0 = time.monotonic()
     dep = engine.deploy(resolve_target(plan_path, None), DeploySettings(name="mn", ready_timeout_s=240))
     TIMES["deploy (plan -> ready, 3 stages on 3 nodes)"] = time.monotonic() - t0
     try:
         assert dep.url == "http://10.213.0.10:8765"  # the gateway on the source node n1
-        docker = DockerCli(manager)
         for i, node in enumerate(("n1", "n2", "n3")):
             assert _task_nodes(docker, f"layerline-mn-stage{i}") == {node}
         assert _task_nodes(docker, "layerline-mn-gateway") == {"n1"}

@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="examples:\n  layerline benchmark vgg16.sliced -o vgg16.profile.json\n"
         "  layerline benchmark vgg16.sliced --cluster cluster.yaml --batch 1 --batch 8 -o prof.json\n"
         "  layerline benchmark bert.sliced --dim sequence=128 -o bert.profile.json --refresh\n"
-        "  layerline benchmark vgg16.sliced --testbed -o vgg16.fleet.json   # every device of the testbed",
+        "  layerline benchmark vgg16.sliced --testbed -o vgg16.fleet.json   # every device of the testbed\n"
+        "  layerline benchmark vgg16.sliced --engine swarm -o vgg16.profile.json   # every swarm node",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("sliced", type=Path, help="a sliced model directory (from `layerline slice`)")
@@ -37,6 +38,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="every device of the running emulated testbed (`layerline testbed up`), in fleet order",
     )
+    where.add_argument(
+        "--engine",
+        choices=("swarm",),
+        help="swarm: every ready node of the Docker Swarm (run on a manager), one agent service per node",
+    )
+    p.add_argument("--docker-host", help="swarm: the manager's Docker socket (default: docker's own default)")
+    p.add_argument("--image", help="swarm: the worker image the agents run (default layerline-worker:latest)")
+    p.add_argument("--device", action="append", help="swarm: only these devices (node label or hostname)")
     p.add_argument("-o", "--output", type=Path, help="profile file to write (default SLICED.profile.json)")
     p.add_argument("--batch", type=int, action="append", help="batch size to time (repeatable; default 1)")
     p.add_argument("--repeats", type=int, default=20, help="timed runs per block and batch (20)")
@@ -96,10 +105,19 @@ def run(args: argparse.Namespace) -> int:
         save_profile,
     )
 
+    agents = None
     if args.testbed:
         from layerline.profile.testbed_devices import running_testbed, testbed_cluster
 
         cluster = testbed_cluster(running_testbed())
+    elif args.engine == "swarm":
+        from layerline.engines.swarm.agents import SwarmAgents, swarm_cluster
+        from layerline.engines.swarm.docker import DockerCli
+        from layerline.engines.swarm.image import DEFAULT_WORKER_IMAGE
+
+        docker = DockerCli(args.docker_host)
+        cluster = swarm_cluster(docker, args.device)
+        agents = SwarmAgents(docker, args.image or DEFAULT_WORKER_IMAGE)
     else:
         cluster = load_cluster(args.cluster) if args.cluster else default_cluster()
     out = args.output or args.sliced.with_name(args.sliced.name + ".profile.json")
@@ -133,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         TextColumn("{task.fields[note]}"),
     )
     with Progress(*columns, console=console_err, transient=False) as progress:
-        profile = run_benchmark(args.sliced, cluster, opts, previous, _Bars(progress))
+        profile = run_benchmark(args.sliced, cluster, opts, previous, _Bars(progress), agents)
     save_profile(profile, out)
     if args.json:
         print_json(profile.to_json())

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ENGINES", "Cluster", "DeviceSpec", "default_cluster", "load_cluster", "parse_cluster"]
 
-ENGINES = ("local", "testbed")
+ENGINES = ("local", "testbed", "swarm")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _DEVICE_KEYS = {"name", "engine", "address", "labels", "cpu_quota", "memory_bytes"}
 _FIX = "see docs/profile.md for the cluster file layout"

@@ -251,14 +251,29 @@ def _measure_device(handle: AgentHandle, manifest: Manifest, sources, opts, prog
     return device, blocks
 
 
+class AgentStarter(Protocol):
+    """Starts agents this machine cannot spawn itself (see ``run_benchmark(agents=...)``)."""
+
+    def start(
+        self, devices: Sequence[DeviceSpec], timeout_s: float, request_timeout_s: float
+    ) -> tuple[dict[str, AgentHandle], list[tuple[str, str]]]: ...
+
+    def close(self) -> None: ...
+
+
 def run_benchmark(
     sliced: str | Path,
     cluster: Cluster,
     opts: BenchmarkOptions | None = None,
     previous: Profile | None = None,
     progress: Progress | None = None,
+    agents: AgentStarter | None = None,
 ) -> Profile:
-    """Measure ``cluster`` for the sliced model; devices that fail are listed in ``failures``."""
+    """Measure ``cluster`` for the sliced model; devices that fail are listed in ``failures``.
+
+    ``agents``: starts the agents for devices this machine cannot spawn (e.g. swarm nodes:
+    :class:`layerline.engines.swarm.agents.SwarmAgents`); closed at the end. Default: local/testbed agents.
+    """
     opts = opts or BenchmarkOptions()
     sliced = Path(sliced).resolve()
     manifest = Manifest.load(sliced)
@@ -307,7 +322,14 @@ def run_benchmark(
     sources = _block_sources(manifest, sliced, by_path) if len(keep) < len(names) else {}
     launches: dict[str, AgentLaunch] = {}
     try:
-        for d in needed:  # spawn every agent first: their start-ups (imports) overlap
+        if agents is not None and needed:
+            started, refused = agents.start(needed, opts.start_timeout_s, opts.request_timeout_s)
+            handles.update(started)
+            for name, why in refused:
+                failures.append(Failure(name, "agent", why))
+                if progress is not None:
+                    progress.finish(name, False, "agent failed")
+        for d in needed if agents is None else ():  # spawn every agent first: their start-ups overlap
             try:
                 launches[d.name] = launch_agent(d, workdir, opts.cgroup_root, cluster.testbed)
             except (LayerlineError, OSError) as exc:
@@ -367,6 +389,8 @@ def run_benchmark(
                 stop_agent(h)
             except Exception:  # cleanup must reach every agent
                 log.exception("stopping the agent of %s failed", h.device.name)
+        if agents is not None:
+            agents.close()
         shutil.rmtree(workdir, ignore_errors=True)
     order = {n: i for i, n in enumerate(names)}
     return Profile(

@@ -145,3 +145,29 @@ def test_cli_deploy_status_down_on_the_swarm(swarm_docker, worker_image, gateway
     assert down.returncode == 0, down.stderr
     assert _labelled(swarm_docker, "service", "swcli") == []
     assert not deployment_dir("swcli").exists()
+
+
+def test_nodes_map_devices_by_label_or_hostname(swarm_docker):
+    from layerline.engines.swarm.agents import swarm_cluster
+    from layerline.engines.swarm.nodes import DEVICE_LABEL, list_nodes, map_devices, node_for_device
+
+    (node,) = list_nodes(swarm_docker)
+    assert node.usable and node.role == "manager" and node.address == "127.0.0.1"
+    assert node_for_device([node], node.hostname) == node
+    with pytest.raises(
+        EngineError, match=rf"no swarm node for device 'edge1'.*--label-add {DEVICE_LABEL}=edge1"
+    ):
+        node_for_device([node], "edge1")
+    swarm_docker.run(["node", "update", "--label-add", f"{DEVICE_LABEL}=edge1", node.id])
+    try:
+        (labelled,) = list_nodes(swarm_docker)
+        assert labelled.device == "edge1"
+        assert map_devices([labelled], ["edge1", "edge1"]) == {"edge1": labelled}
+        with pytest.raises(EngineError, match="no swarm node for device"):  # the label replaces the hostname
+            node_for_device([labelled], node.hostname)
+        cluster = swarm_cluster(swarm_docker)
+        assert [(d.name, d.engine, d.address) for d in cluster.devices] == [("edge1", "swarm", "127.0.0.1")]
+        with pytest.raises(EngineError, match="no ready swarm node for device"):
+            swarm_cluster(swarm_docker, ["edge2"])
+    finally:
+        swarm_docker.run(["node", "update", "--label-rm", DEVICE_LABEL, node.id])
