@@ -168,6 +168,34 @@ def layerline_wheel(dest: Path) -> Path:
     return wheels[-1]
 
 
+def _fill_wheels(wheel_dir: Path, wheels: Path | None, pins: tuple[str, ...], python_version: str) -> None:
+    """Copy ``wheels`` into the build context, or download ``pins`` there; check that each pinned package
+    has a wheel."""
+    if wheels is None:
+        download_wheels(wheel_dir, python_version, packages=pins)
+    else:
+        shutil.copytree(wheels, wheel_dir)
+    for name in (pin.split("==")[0] for pin in pins):
+        pattern = f"{name}-*.whl"
+        if not list(wheel_dir.glob(pattern)):
+            raise EngineError(f"the wheel folder {wheels} has no {pattern}; fill it with download_wheels()")
+
+
+def _docker_build(docker: DockerCli, ctx: Path, build_arg: str, tag: str) -> int:
+    """Classic ``docker build`` (every daemon has it) of ``ctx``; the image's size in bytes."""
+    log.info("building %s (%s)", tag, build_arg)
+    docker.run(
+        ["build", "-q", "--build-arg", build_arg, "-t", tag, str(ctx)],
+        timeout_s=1800,
+        env={"DOCKER_BUILDKIT": "0"},
+    )
+    return int(docker.run(["image", "inspect", "--format", "{{.Size}}", tag]).strip())
+
+
+def _pins(names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(f"{name}=={importlib.metadata.version(name)}" for name in names)
+
+
 def build_worker_image(
     base_image: str = DEFAULT_BASE_IMAGE,
     tag: str = DEFAULT_WORKER_IMAGE,
@@ -188,28 +216,14 @@ def build_worker_image(
         ctx = Path(tmp)
         (ctx / "Dockerfile").write_text(DOCKERFILE)
         wheel_dir = ctx / "wheels"
-        if wheels is None:
-            download_wheels(wheel_dir, python_version)
-        else:
-            shutil.copytree(wheels, wheel_dir)
-        for pattern in ("pip-*.whl", "onnxruntime-*.whl", "numpy-*.whl"):
-            if not list(wheel_dir.glob(pattern)):
-                raise EngineError(
-                    f"the wheel folder {wheels} has no {pattern}; fill it with download_wheels()"
-                )
+        _fill_wheels(wheel_dir, wheels, _pins(("onnxruntime", "numpy", "pip")), python_version)
         for old in wheel_dir.glob("layerline-*.whl"):
             old.unlink()
         if layerline_whl is not None:
             shutil.copy2(layerline_whl, wheel_dir / layerline_whl.name)
         else:
             layerline_wheel(wheel_dir)
-        log.info("building %s from %s", tag, base_image)
-        docker.run(
-            ["build", "-q", "--build-arg", f"BASE_IMAGE={base_image}", "-t", tag, str(ctx)],
-            timeout_s=1800,
-            env={"DOCKER_BUILDKIT": "0"},
-        )
-    size = int(docker.run(["image", "inspect", "--format", "{{.Size}}", tag]).strip())
+        size = _docker_build(docker, ctx, f"BASE_IMAGE={base_image}", tag)
     return BuiltImage(tag, base_image, size, time.monotonic() - t0)
 
 
@@ -234,22 +248,6 @@ def build_gateway_image(
     with tempfile.TemporaryDirectory(prefix="layerline-gw-image-") as tmp:
         ctx = Path(tmp)
         (ctx / "Dockerfile").write_text(GATEWAY_DOCKERFILE)
-        wheel_dir = ctx / "wheels"
-        if wheels is None:
-            pins = tuple(f"{name}=={importlib.metadata.version(name)}" for name in (*GATEWAY_PACKAGES, "pip"))
-            download_wheels(wheel_dir, python_version, packages=pins)
-        else:
-            shutil.copytree(wheels, wheel_dir)
-        for pattern in ("pip-*.whl", "aiohttp-*.whl", "prometheus_client-*.whl"):
-            if not list(wheel_dir.glob(pattern)):
-                raise EngineError(
-                    f"the wheel folder {wheels} has no {pattern}; fill it with download_wheels()"
-                )
-        log.info("building %s from %s", tag, worker_image)
-        docker.run(
-            ["build", "-q", "--build-arg", f"WORKER_IMAGE={worker_image}", "-t", tag, str(ctx)],
-            timeout_s=1800,
-            env={"DOCKER_BUILDKIT": "0"},
-        )
-    size = int(docker.run(["image", "inspect", "--format", "{{.Size}}", tag]).strip())
+        _fill_wheels(ctx / "wheels", wheels, _pins((*GATEWAY_PACKAGES, "pip")), python_version)
+        size = _docker_build(docker, ctx, f"WORKER_IMAGE={worker_image}", tag)
     return BuiltImage(tag, worker_image, size, time.monotonic() - t0)
