@@ -25,6 +25,7 @@ from layerline.autoscale.policy import AutoscaleConfig, Decision
 from layerline.engines.state import load_state
 from layerline.errors import EngineError
 from layerline.runtime.redis_resp import RespError
+from layerline.runtime.scaling import ReplicaScaler
 
 __all__ = ["run_autoscaler", "serve_autoscaler"]
 
@@ -78,7 +79,12 @@ async def serve_autoscaler(
             f"deployment {name!r} does not use the redis transport; autoscaling reads the stages' Redis "
             "streams: deploy with --transport redis"
         )
-    scaler = LocalReplicaScaler(name)
+    if state.engine == "swarm":  # docker service scale
+        from layerline.engines.swarm.scaling import SwarmReplicaScaler
+
+        scaler: ReplicaScaler = SwarmReplicaScaler(name)
+    else:
+        scaler = LocalReplicaScaler(name)
     source = RedisStageMetrics(str(state.extra["redis_url"]), stages=len(state.stages), prefix=name)
     metrics = AutoscaleMetrics(len(state.stages))
     controller = AutoscaleController(scaler, source, config, metrics=metrics, on_decision=on_decision)

@@ -37,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="where to run the stages: local processes, or services on this Docker Swarm manager (local)",
     )
     p.add_argument("--image", help="swarm: the stage-worker image (docs/swarm.md; default layerline-worker)")
+    p.add_argument("--gateway-image", help="swarm: the gateway image (default layerline-gateway:latest)")
     p.add_argument("--docker-host", help="swarm: the manager's Docker socket (default: docker's own default)")
     p.add_argument("--host", default="127.0.0.1", help="gateway address (127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="gateway port (8765)")
@@ -100,8 +101,11 @@ def _replicas_and_autoscale(args: argparse.Namespace, stages: int) -> tuple:
     given = autoscale_options_given(args)
     if given and not args.autoscale:
         parser.error(f"{', '.join(given)} set(s) the autoscaler: add --autoscale")
-    if args.engine == "swarm" and (args.replicas is not None or args.autoscale):
-        parser.error("--replicas and --autoscale work with --engine local (the swarm engine scales itself)")
+    if args.engine == "swarm" and args.autoscale:
+        parser.error(
+            "--autoscale starts a background process of a local deployment; for a swarm deployment run "
+            "`layerline autoscale --name NAME` on the manager (it scales the stage services)"
+        )
     if args.transport != "redis":
         if any(n != 1 for n in counts):
             parser.error(
@@ -171,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
         from layerline.engines.swarm import SwarmEngine
 
         options = {"image": args.image} if args.image else {}
+        if args.gateway_image:
+            options["gateway_image"] = args.gateway_image
         swarm = SwarmEngine(docker_host=args.docker_host, **options)
         with console.status("deploying on the swarm ...") as spinner:
             state = swarm.deploy(target, settings, progress=lambda m: spinner.update(m))

@@ -49,7 +49,7 @@ def parse_assignments(items: list[str]) -> list[tuple[int, int]]:
 
 def run(args: argparse.Namespace) -> int:
     from layerline.cli.autoscale_cmd import deployment_name
-    from layerline.cli.status_cmd import engine_for, print_status
+    from layerline.cli.status_cmd import engine_for, print_status, print_swarm_status
     from layerline.engines import processes
     from layerline.engines.state import load_state
 
@@ -81,5 +81,5 @@ def run(args: argparse.Namespace) -> int:
             f"[yellow]note:[/] the deployment's autoscaler (pid {auto[0].pid}) keeps adjusting the counts "
             f"within its bounds ({limits})"
         )
-    print_status(engine.status(name))
+    (print_swarm_status if state.engine == "swarm" else print_status)(engine.status(name))
     return 0

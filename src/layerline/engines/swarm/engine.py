@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from layerline.engines.local import DeploySettings, http_health
 from layerline.engines.stages import DeployTarget
@@ -38,9 +39,16 @@ from layerline.engines.swarm.services import (
 )
 from layerline.errors import DeploymentExists, EngineError, FormatError
 
+if TYPE_CHECKING:
+    from layerline.engines.swarm.scaling import SwarmReplicaScaler
+
 __all__ = ["LABEL", "MAX_RESTARTS", "ServiceStatus", "SwarmEngine", "SwarmStatus", "swarm_ports"]
 
 log = logging.getLogger(__name__)
+
+#: A Redis-transport replica drains what it holds for up to 20 s on SIGTERM (docs/redis.md); its service
+#: lets it, before docker sends SIGKILL.
+DRAIN_GRACE_S = 25.0
 
 
 @dataclass(frozen=True)
@@ -148,8 +156,18 @@ class SwarmEngine:
         from layerline.engines.configs import Endpoints, write_deployment_files
         from layerline.engines.placement import place
 
-        if settings.transport != "tcp":
-            raise EngineError(f"the swarm engine supports transport 'tcp' only, got {settings.transport!r}")
+        redis = settings.transport == "redis"
+        if redis and not settings.redis_url.startswith(("redis://", "rediss://")):
+            raise EngineError(
+                f"--redis-url {settings.redis_url!r}: the swarm engine does not start Redis; give the URL of "
+                "a Redis every node reaches, e.g. --redis-url redis://10.0.0.5:6379/0 (docs/swarm.md)"
+            )
+        replicas = list(settings.replicas or [1] * len(target.ranges))
+        if len(replicas) != len(target.ranges) or (not redis and any(r != 1 for r in replicas)):
+            raise EngineError(
+                f"replicas {replicas} for {len(target.ranges)} stages: give one count per stage, and use "
+                "--transport redis for more than one replica (a TCP stage has one upstream port)"
+            )
         manager_id, is_manager = self.docker.swarm_node()
         if not is_manager:
             raise EngineError(
@@ -191,7 +209,7 @@ class SwarmEngine:
                 specs.append(
                     stage_service(
                         settings.name, i, self.image, node.id, workdir, _stage_files(workdir, i), cfg,
-                        artifacts_url, limit,
+                        artifacts_url, limit, replicas[i], DRAIN_GRACE_S if redis else 5.0,
                     )
                 )  # fmt: skip
             specs.append(
@@ -236,7 +254,9 @@ class SwarmEngine:
                     "services": [s.name for s in specs],
                     "ports": ports,
                     "exact": settings.exact,
-                    "transport": "tcp",
+                    "transport": settings.transport,
+                    "redis_url": settings.redis_url if redis else None,
+                    "replicas": replicas,
                     "delivery": "artifact-service",
                     "source_device": target.source_device,
                 },
@@ -327,6 +347,12 @@ class SwarmEngine:
                     f"{task.get('CurrentState')}: {task.get('Error')}; its log ends with:\n"
                     f"{self._logs(s.service) or '(empty)'}"
                 )
+
+    def scaler(self, name: str) -> SwarmReplicaScaler:
+        """The replicas of deployment ``name``'s stages (``layerline scale``, ``layerline autoscale``)."""
+        from layerline.engines.swarm.scaling import SwarmReplicaScaler
+
+        return SwarmReplicaScaler(name, self.docker)
 
     # ---- status / down ------------------------------------------------------------------------------
     def status(self, name: str) -> SwarmStatus:

@@ -31,7 +31,15 @@ class ServiceSpec:
     args: tuple[str, ...]
 
 
-def _common(name: str, deployment: str, role: str, node_id: str, limit_cpu: float | None = None) -> list[str]:
+def _common(
+    name: str,
+    deployment: str,
+    role: str,
+    node_id: str,
+    limit_cpu: float | None = None,
+    replicas: int = 1,
+    grace_s: float = 5.0,
+) -> list[str]:
     label = f"{LABEL}={deployment}"
     args = [
         "service", "create", "--detach", "--quiet",
@@ -42,7 +50,8 @@ def _common(name: str, deployment: str, role: str, node_id: str, limit_cpu: floa
         "--restart-condition", "on-failure",
         "--restart-max-attempts", str(MAX_RESTARTS),
         "--restart-delay", "1s",
-        "--stop-grace-period", "5s",
+        "--stop-grace-period", f"{grace_s:g}s",
+        "--replicas", str(replicas),
         "--network", "host",
         "--no-resolve-image",
     ]  # fmt: skip
@@ -83,11 +92,16 @@ def stage_service(
     config: Path,
     artifacts_url: str,
     limit_cpu: float | None = None,
+    replicas: int = 1,
+    grace_s: float = 5.0,
 ) -> ServiceSpec:
-    """Stage ``index``: fetch its graph and config, then ``python3 -m layerline.runtime.worker``."""
+    """Stage ``index``: fetch its graph and config, then ``python3 -m layerline.runtime.worker``.
+
+    ``replicas`` > 1 only with the Redis transport (competing consumers; nothing listens, so replicas on
+    one node do not collide); ``grace_s``: how long a stopping replica may drain before SIGKILL."""
     role = f"stage{index}"
     name = service_name(deployment, role)
-    args = _common(name, deployment, role, node_id, limit_cpu)
+    args = _common(name, deployment, role, node_id, limit_cpu, replicas, grace_s)
     args += ["--label", f"layerline.stage={index}", "--entrypoint", "python3", image]
     args += _fetch_then(
         artifacts_url, root, files, ["python3", "-m", "layerline.runtime.worker", "--config", str(config)]
