@@ -26,6 +26,9 @@ class DeployTarget:
     source: str  # "plan" or "balanced"
     threads: tuple[int | None, ...] = ()
     source_device: str | None = None
+    #: a plan's predicted memory per stage (weights + activations, bytes; None where unknown): the swarm
+    #: engine reserves it for the stage's service
+    memory_bytes: tuple[int | None, ...] = ()
 
 
 def _is_plan_file(path: Path) -> bool:
@@ -41,6 +44,15 @@ def _plan_source(predicted: object) -> str | None:
     """The source device a plan was optimised for (``configure`` writes it into ``predicted``)."""
     source = predicted.get("source") if isinstance(predicted, dict) else None
     return source if isinstance(source, str) and source else None
+
+
+def _plan_memory(predicted: object, stages: int) -> tuple[int | None, ...]:
+    """Each stage's predicted ``memory_bytes`` (``configure`` writes them into ``predicted.stages``)."""
+    rows = predicted.get("stages") if isinstance(predicted, dict) else None
+    if not isinstance(rows, list) or len(rows) != stages:
+        return ()
+    found = [row.get("memory_bytes") if isinstance(row, dict) else None for row in rows]
+    return tuple(int(m) if isinstance(m, int | float) and m > 0 else None for m in found)
 
 
 def resolve_target(target: Path, stages: int | None) -> DeployTarget:
@@ -61,6 +73,7 @@ def resolve_target(target: Path, stages: int | None) -> DeployTarget:
             "plan",
             threads=tuple(s.threads for s in plan.stages),
             source_device=_plan_source(plan.predicted),
+            memory_bytes=_plan_memory(plan.predicted, len(plan.stages)),
         )
     if not target.is_dir():
         raise FormatError(

@@ -210,12 +210,13 @@ class SwarmEngine:
                     stage_service(
                         settings.name, i, self.image, node.id, workdir, _stage_files(workdir, i), cfg,
                         artifacts_url, limit, replicas[i], DRAIN_GRACE_S if redis else 5.0,
+                        target.memory_bytes[i] if target.memory_bytes else None,
                     )
                 )  # fmt: skip
             specs.append(
                 gateway_service(
                     settings.name, self.gateway_image, gateway_node.id, workdir, files.gateway_config,
-                    artifacts_url,
+                    artifacts_url, url,
                 )
             )  # fmt: skip
             for spec in specs:
@@ -337,7 +338,8 @@ class SwarmEngine:
             failed = [
                 t
                 for t in tasks
-                if str(t.get("CurrentState", "")).startswith(("Rejected", "Failed")) and t.get("Error")
+                if (str(t.get("CurrentState", "")).startswith(("Rejected", "Failed")) and t.get("Error"))
+                or "no suitable node" in str(t.get("Error", ""))  # e.g. its memory reservation does not fit
             ]
             if failed:
                 task = failed[0]
@@ -363,7 +365,11 @@ class SwarmEngine:
         state = load_state(name)
         services = self._service_statuses(state)
         gateway = next((s for s in services if s.role == "gateway"), None)
-        gateway_running = gateway is not None and gateway.running >= 1
+        health = http_health(state.url)
+        answering = health.ready or not health.detail.startswith("gateway not answering")
+        # docker counts a task as running once its health check passed (first check after 5 s): a gateway
+        # that answers is running too
+        gateway_running = gateway is not None and (gateway.running >= 1 or answering)
         lost = [s for s in services if s.node_state not in ("", "ready")]
         problems = [
             f"{s.role} on node {s.node} ({s.node_state}"
@@ -373,7 +379,6 @@ class SwarmEngine:
         if not gateway_running:
             problems.append("gateway service is not running" + (f": {gateway.error}" if gateway else ""))
             return SwarmStatus(state, services, False, False, "; ".join(problems))
-        health = http_health(state.url)
         detail = "; ".join([*problems, health.detail] if problems else [health.detail])
         return SwarmStatus(state, services, True, health.ready and not lost, detail)
 

@@ -39,6 +39,7 @@ def _common(
     limit_cpu: float | None = None,
     replicas: int = 1,
     grace_s: float = 5.0,
+    reserve_memory: int | None = None,
 ) -> list[str]:
     label = f"{LABEL}={deployment}"
     args = [
@@ -57,6 +58,8 @@ def _common(
     ]  # fmt: skip
     if limit_cpu is not None:
         args += ["--limit-cpu", f"{limit_cpu:g}", "--reserve-cpu", f"{limit_cpu:g}"]
+    if reserve_memory:
+        args += ["--reserve-memory", str(int(reserve_memory))]
     return args
 
 
@@ -94,14 +97,16 @@ def stage_service(
     limit_cpu: float | None = None,
     replicas: int = 1,
     grace_s: float = 5.0,
+    reserve_memory: int | None = None,
 ) -> ServiceSpec:
     """Stage ``index``: fetch its graph and config, then ``python3 -m layerline.runtime.worker``.
 
     ``replicas`` > 1 only with the Redis transport (competing consumers; nothing listens, so replicas on
-    one node do not collide); ``grace_s``: how long a stopping replica may drain before SIGKILL."""
+    one node do not collide); ``grace_s``: how long a stopping replica may drain before SIGKILL;
+    ``reserve_memory``: the plan's predicted memory of the stage (the node must have it free)."""
     role = f"stage{index}"
     name = service_name(deployment, role)
-    args = _common(name, deployment, role, node_id, limit_cpu, replicas, grace_s)
+    args = _common(name, deployment, role, node_id, limit_cpu, replicas, grace_s, reserve_memory)
     args += ["--label", f"layerline.stage={index}", "--entrypoint", "python3", image]
     args += _fetch_then(
         artifacts_url, root, files, ["python3", "-m", "layerline.runtime.worker", "--config", str(config)]
@@ -110,11 +115,25 @@ def stage_service(
 
 
 def gateway_service(
-    deployment: str, image: str, node_id: str, root: Path, config: Path, artifacts_url: str
+    deployment: str,
+    image: str,
+    node_id: str,
+    root: Path,
+    config: Path,
+    artifacts_url: str,
+    url: str = "",
 ) -> ServiceSpec:
-    """The gateway on the source node: fetch its config, then run ``layerline.engines.gateway_main``."""
+    """The gateway on the source node: fetch its config, then run ``layerline.engines.gateway_main``.
+
+    With ``url`` (the gateway's own), docker checks ``/v2/health/live`` every 5 s and restarts a gateway
+    that stops answering. (The stages have no docker health check: the gateway probes the whole chain, and
+    a TCP stage would take a checker's connection for its upstream.)"""
     name = service_name(deployment, "gateway")
     args = _common(name, deployment, "gateway", node_id)
+    if url:
+        probe = f"import urllib.request as u; u.urlopen('{url}/v2/health/live', timeout=3)"
+        args += ["--health-cmd", f'python3 -c "{probe}"', "--health-interval", "5s"]
+        args += ["--health-timeout", "4s", "--health-retries", "3", "--health-start-period", "60s"]
     args += ["--entrypoint", "python3", image]
     rel = config.relative_to(root).as_posix()
     args += _fetch_then(
