@@ -40,6 +40,12 @@ def test_reads_each_stage_stream(tmp_path):
             assert (s1.length, s1.lag, s1.pending, s1.live, s1.backlog) == (5, 3, 2, 1, 5)
             assert 0.2 <= s1.oldest_pending_age_s < 0.25 + (time.monotonic() - t0) + 1.0
             assert (s2.length, s2.lag, s2.pending) == (1, 1, 0)
+            assert s1.redelivered == 0 and s1.dead_letters == 0
+            # c3 takes over one of c1's entries (delivered twice now); one request was dead-lettered
+            await conn.execute("XAUTOCLAIM", "m:s1", "stage1", "c3", 0, "0-0", "COUNT", 1)
+            await conn.execute("XADD", "m:dead", "*", "rid", "4", "error", "poison")
+            s0, s1, s2 = await reader.read()
+            assert (s1.pending, s1.redelivered, s1.dead_letters, s2.dead_letters) == (2, 1, 1, 1)
             # exported with the gateway's conventions
             exported = AutoscaleMetrics(3)
             for s in (s0, s1, s2):
@@ -51,6 +57,8 @@ def test_reads_each_stage_stream(tmp_path):
             assert 'layerline_autoscale_stream_length{stage="2"} 1.0' in text
             assert 'layerline_autoscale_replicas_desired{stage="1"} 2.0' in text
             assert 'layerline_autoscale_decisions_total{direction="up",stage="0"} 0.0' in text
+            assert 'layerline_autoscale_redelivered_pending{stage="1"} 1.0' in text
+            assert "layerline_dead_letter_entries 1.0" in text
         finally:
             reader.close()
             conn.close()

@@ -36,6 +36,10 @@ class StageMetrics:
     pending: int
     oldest_pending_age_s: float
     live: int
+    #: pending entries delivered more than once (taken over from a dead or stuck replica: retries under way)
+    redelivered: int = 0
+    #: entries in the deployment's dead-letter stream (the same for every stage)
+    dead_letters: int = 0
 
     @property
     def backlog(self) -> int:
@@ -49,6 +53,11 @@ def _ms(entry_id: Any) -> int | None:
     text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     head = text.split("-", 1)[0]
     return int(head) if head.isdigit() else None
+
+
+#: Commands per stage in one poll's pipeline; pending entries looked at for redeliveries (the oldest).
+PER_STAGE = 4
+REDELIVERY_SCAN = 100
 
 
 class RedisStageMetrics:
@@ -72,22 +81,25 @@ class RedisStageMetrics:
                 ("XLEN", stream),
                 ("XPENDING", stream, self.keys.group(k)),
                 ("SMEMBERS", self.keys.consumers(k)),
+                ("XPENDING", stream, self.keys.group(k), "-", "+", REDELIVERY_SCAN),
             ]
+        commands.append(("XLEN", self.keys.dead))
         replies = await self._conn.pipeline(commands)
+        dead = replies[-1] if isinstance(replies[-1], int) else 0
         now = replies[0]
         if isinstance(now, RespError):
             raise now
         now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
         names: list[list[str]] = []
         for k in range(self.stages):
-            members = replies[1 + 3 * k + 2]
+            members = replies[1 + PER_STAGE * k + 2]
             names.append(sorted(m.decode() for m in members) if isinstance(members, list) else [])
         alive_keys = [self.keys.alive(k, n) for k in range(self.stages) for n in names[k]]
         alive = await self._conn.execute("MGET", *alive_keys) if alive_keys else []
         out = []
         at = 0
         for k in range(self.stages):
-            length, summary, _members = replies[1 + 3 * k : 4 + 3 * k]
+            length, summary, _members, entries = replies[1 + PER_STAGE * k : 1 + PER_STAGE * (k + 1)]
             length = length if isinstance(length, int) else 0
             pending, age = 0, 0.0
             if isinstance(summary, list) and summary and isinstance(summary[0], int):  # NOGROUP: none
@@ -96,7 +108,14 @@ class RedisStageMetrics:
                 age = max(0.0, (now_ms - oldest) / 1000.0) if oldest is not None else 0.0
             live = sum(1 for a in alive[at : at + len(names[k])] if a is not None)
             at += len(names[k])
-            out.append(StageMetrics(k, length, max(0, length - pending), pending, age, live))
+            redelivered = (
+                sum(1 for e in entries if isinstance(e, list) and len(e) > 3 and int(e[3]) > 1)
+                if isinstance(entries, list)
+                else 0
+            )
+            out.append(
+                StageMetrics(k, length, max(0, length - pending), pending, age, live, redelivered, dead)
+            )
         return out
 
     def close(self) -> None:
@@ -158,6 +177,17 @@ class AutoscaleMetrics:
             label,
             registry=r,
         )
+        self.redelivered = Gauge(
+            "layerline_autoscale_redelivered_pending",
+            "Pending entries of the stage delivered more than once (retries under way; oldest 100 seen).",
+            label,
+            registry=r,
+        )
+        self.dead_letters = Gauge(
+            "layerline_dead_letter_entries",
+            "Entries in the deployment's dead-letter stream (requests that failed every retry).",
+            registry=r,
+        )
         self.read_errors = Counter(
             "layerline_autoscale_read_errors", "Polls whose Redis read failed.", registry=r
         )
@@ -174,6 +204,8 @@ class AutoscaleMetrics:
         self.pending.labels(stage).set(metrics.pending)
         self.oldest_pending_age.labels(stage).set(metrics.oldest_pending_age_s)
         self.live.labels(stage).set(metrics.live)
+        self.redelivered.labels(stage).set(metrics.redelivered)
+        self.dead_letters.set(metrics.dead_letters)
 
     def replicas(self, stage: int, running: int, desired: int) -> None:
         self.running.labels(str(stage)).set(running)
