@@ -423,7 +423,12 @@ def run_on_testbed(sliced: Path, args: argparse.Namespace, results: dict[str, An
     home = Path(tempfile.mkdtemp(prefix="bench-pred-home-"))
     os.environ["LAYERLINE_HOME"] = str(home)  # the testbed and the deployments' directories
     sigterm_as_interrupt()
-    say(f"bringing up the testbed {args.fleet} (home {home})")
+    described = ", ".join(
+        f"{d['name']} {d['cpu']:g} core {d['link']['rate']}"
+        + (f" +{d['link']['delay']}" if "delay" in d["link"] else "")
+        for d in args.fleet["devices"]
+    )
+    say(f"bringing up the testbed: {described} (home {home})")
     state, waited, up_s = up_testbed_when_free(
         FleetSpec.from_yaml_data(args.fleet), home, say, args.wait_testbed_s
     )

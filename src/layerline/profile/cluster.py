@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 
 __all__ = ["ENGINES", "Cluster", "DeviceSpec", "default_cluster", "load_cluster", "parse_cluster"]
 
-ENGINES = ("local", "testbed", "swarm")
+#: Engines a cluster file may name. Swarm nodes come from the swarm itself (`benchmark --engine swarm`,
+#: :func:`layerline.engines.swarm.agents.swarm_cluster`), not from a file.
+ENGINES = ("local", "testbed")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _DEVICE_KEYS = {"name", "engine", "address", "labels", "cpu_quota", "memory_bytes"}
 _FIX = "see docs/profile.md for the cluster file layout"
@@ -100,7 +102,10 @@ def _device(raw: Any, node: Any, index: int, source: str) -> DeviceSpec:
         raise FormatError(f"{at}: device name {name!r} must be a non-empty string of [A-Za-z0-9_.-]")
     engine = raw.get("engine", "local")
     if engine not in ENGINES:
-        raise FormatError(f"{at}: device {name!r} has engine {engine!r}; supported engines: {list(ENGINES)}")
+        hint = "; for swarm nodes use `layerline benchmark --engine swarm`" if engine == "swarm" else ""
+        raise FormatError(
+            f"{at}: device {name!r} has engine {engine!r}; supported engines: {list(ENGINES)}{hint}"
+        )
     if engine == "testbed" and "cpu_quota" in raw:
         raise FormatError(
             f"{at}: device {name!r} runs on the testbed, whose fleet file sets its CPU (cpu:); remove "
