@@ -63,6 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--registry", required=True, help="HOST[:PORT][/PATH]")
     r.add_argument("--tag", action="append", help="image(s) to push (default: worker + gateway)")
     r.set_defaults(func=run_push)
+    for action in (b, s, ld, c, r):  # also after the action: `layerline image load F --docker-host H`
+        action.add_argument("--docker-host", default=argparse.SUPPRESS, help="the daemon to act on")
 
 
 def _default_tags(tags: list[str] | None) -> list[str]:
