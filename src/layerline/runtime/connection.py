@@ -44,6 +44,7 @@ __all__ = [
     "failed_future",
     "listen_socket",
     "open_connection",
+    "send_some",
 ]
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,23 @@ def _fail(fut: asyncio.Future, exc: BaseException) -> None:
     if not fut.done():
         fut.set_exception(exc)
         fut.exception()
+
+
+def send_some(sock: socket.socket, buffers: deque[bytes | memoryview]) -> None:
+    """One ``sendmsg`` of the first buffers of ``buffers`` (at most ``_IOV_MAX``), dropping what went out.
+
+    A buffer sent in part is replaced by a view of its rest. Raises what ``sendmsg`` raises
+    (``BlockingIOError`` when the socket is full). Shared with :mod:`layerline.runtime.redis_resp`.
+    """
+    n = sock.sendmsg(list(itertools.islice(buffers, _IOV_MAX)))
+    while n:
+        first = buffers[0]
+        if n >= len(first):
+            n -= len(first)
+            buffers.popleft()
+        else:
+            buffers[0] = memoryview(first)[n:]
+            n = 0
 
 
 def failed_future(exc: BaseException) -> asyncio.Future:
@@ -299,7 +317,7 @@ class FrameConnection:
                     self._writer_on = False
                 return
             try:
-                n = self._sock.sendmsg(list(itertools.islice(self._wbufs, _IOV_MAX)))
+                send_some(self._sock, self._wbufs)
             except (BlockingIOError, InterruptedError):
                 if not self._writer_on:
                     self._loop.add_writer(self._fd, self._flush)
@@ -308,14 +326,6 @@ class FrameConnection:
             except OSError as exc:
                 self.close(ConnectionClosed(f"connection to {self.peer} broke: {exc}"))
                 return
-            while n:
-                first = self._wbufs[0]
-                if n >= len(first):
-                    n -= len(first)
-                    self._wbufs.popleft()
-                else:
-                    self._wbufs[0] = first[n:]
-                    n = 0
             if not self._wbufs:
                 fut, self._wfut = self._wfut, None
                 if fut is not None and not fut.done():

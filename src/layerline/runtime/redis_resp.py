@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import socket
 from collections import deque
@@ -34,6 +33,8 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
+
+from layerline.runtime.connection import send_some
 
 __all__ = [
     "Chunks",
@@ -48,7 +49,6 @@ log = logging.getLogger(__name__)
 
 _SCRATCH_BYTES = 256 * 1024
 _DIRECT_MIN = 64 * 1024  # bulk strings at least this long are received straight into their own buffer
-_IOV_MAX = 512
 _MAX_LINE = 64 * 1024
 _CRLF = b"\r\n"
 
@@ -325,7 +325,7 @@ class RespConnection:
         assert self._loop is not None
         while self._wbufs and self._sock is not None:
             try:
-                n = self._sock.sendmsg(list(itertools.islice(self._wbufs, _IOV_MAX)))
+                send_some(self._sock, self._wbufs)
             except (BlockingIOError, InterruptedError):
                 if not self._writer_on:
                     self._loop.add_writer(self._fd, self._flush)
@@ -334,14 +334,6 @@ class RespConnection:
             except OSError as exc:
                 self._drop(RespConnectionError(f"writing to Redis at {self.address} failed: {exc}"))
                 return
-            while n:
-                first = self._wbufs[0]
-                if n >= len(first):
-                    n -= len(first)
-                    self._wbufs.popleft()
-                else:
-                    self._wbufs[0] = memoryview(first)[n:]
-                    n = 0
         if self._writer_on:
             self._loop.remove_writer(self._fd)
             self._writer_on = False

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from layerline.engines.local import DeploySettings, http_health
+from layerline.engines.local_processes import remove_dir
 from layerline.engines.stages import DeployTarget
 from layerline.engines.state import (
     DeploymentState,
@@ -269,7 +270,7 @@ class SwarmEngine:
             return state
         except BaseException:
             self._remove_objects(settings.name)
-            _remove_dir(workdir)
+            remove_dir(workdir)
             raise
 
     def _map(
@@ -310,7 +311,7 @@ class SwarmEngine:
                     f"a {old.engine} deployment named {settings.name!r} exists at {old.url}; stop it with "
                     f"`layerline down --name {settings.name}` or pick another --name"
                 )
-            _remove_dir(deployment_dir(settings.name))
+            remove_dir(deployment_dir(settings.name))
 
     def _wait_ready(self, state: DeploymentState, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -398,7 +399,7 @@ class SwarmEngine:
         self._remove_objects(name)
         if state is not None:
             _wait_endpoints_closed(_endpoints(state))
-        _remove_dir(deployment_dir(name))
+        remove_dir(deployment_dir(name))
         return state
 
     def _remove_objects(self, name: str, wait_s: float = 30.0) -> None:
@@ -524,12 +525,3 @@ def _wait_endpoints_closed(endpoints: list[tuple[str, int]], timeout_s: float = 
             time.sleep(0.3)
     if pending:
         log.warning("still listening %.0f s after down: %s", timeout_s, pending)
-
-
-def _remove_dir(path: Path) -> None:
-    """Remove a deployment directory (only ever one under the deployments root)."""
-    import shutil
-
-    root = deployment_dir("x").parent.resolve()
-    if path.resolve().parent == root and path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
