@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,6 +38,13 @@ from layerline.engines.swarm.services import (
     service_name,
     stage_service,
 )
+from layerline.engines.swarm.status import (
+    ServiceStatus,
+    SwarmStatus,
+    service_statuses,
+    swarm_status,
+    tasks,
+)
 from layerline.errors import DeploymentExists, EngineError, FormatError
 
 if TYPE_CHECKING:
@@ -50,60 +57,6 @@ log = logging.getLogger(__name__)
 #: A Redis-transport replica drains what it holds for up to 20 s on SIGTERM (docs/redis.md); its service
 #: lets it, before docker sends SIGKILL.
 DRAIN_GRACE_S = 25.0
-
-
-@dataclass(frozen=True)
-class ServiceStatus:
-    """One service: its role, node, replicas running/desired and the latest task's state and error.
-
-    ``stage`` is the stage index, -1 for the gateway and the artifact service.
-    """
-
-    stage: int
-    service: str
-    running: int
-    desired: int
-    state: str = ""
-    error: str = ""
-    role: str = ""
-    node: str = ""
-    node_state: str = ""
-
-    @property
-    def healthy(self) -> bool:
-        return self.running >= 1 and self.running == self.desired and self.node_state in ("", "ready")
-
-    def to_json(self) -> dict:
-        return {
-            "stage": self.stage,
-            "role": self.role,
-            "service": self.service,
-            "node": self.node,
-            "node_state": self.node_state,
-            "replicas": f"{self.running}/{self.desired}",
-            "state": self.state,
-            "error": self.error,
-        }
-
-
-@dataclass(frozen=True)
-class SwarmStatus:
-    state: DeploymentState
-    services: tuple[ServiceStatus, ...]
-    gateway_running: bool
-    ready: bool
-    detail: str
-
-    def to_json(self) -> dict:
-        return {
-            "name": self.state.name,
-            "engine": self.state.engine,
-            "url": self.state.url,
-            "ready": self.ready,
-            "detail": self.detail,
-            "gateway_running": self.gateway_running,
-            "services": [s.to_json() for s in self.services],
-        }
 
 
 def swarm_ports(port: int, stages: int) -> dict[str, int]:
@@ -363,25 +316,7 @@ class SwarmEngine:
 
         A stage whose node is down or unreachable is named with the reason in ``detail``.
         """
-        state = load_state(name)
-        services = self._service_statuses(state)
-        gateway = next((s for s in services if s.role == "gateway"), None)
-        health = http_health(state.url)
-        answering = health.ready or not health.detail.startswith("gateway not answering")
-        # docker counts a task as running once its health check passed (first check after 5 s): a gateway
-        # that answers is running too
-        gateway_running = gateway is not None and (gateway.running >= 1 or answering)
-        lost = [s for s in services if s.node_state not in ("", "ready")]
-        problems = [
-            f"{s.role} on node {s.node} ({s.node_state}"
-            f"{', its tasks cannot run there' if s.stage >= 0 else ''})"
-            for s in lost
-        ]
-        if not gateway_running:
-            problems.append("gateway service is not running" + (f": {gateway.error}" if gateway else ""))
-            return SwarmStatus(state, services, False, False, "; ".join(problems))
-        detail = "; ".join([*problems, health.detail] if problems else [health.detail])
-        return SwarmStatus(state, services, True, health.ready and not lost, detail)
+        return swarm_status(self.docker, load_state(name))
 
     def down(self, name: str) -> DeploymentState | None:
         """Remove the services and configs labelled with ``name``, then the deployment's state.
@@ -422,57 +357,10 @@ class SwarmEngine:
         return [line for line in out.split() if line]
 
     def _service_statuses(self, state: DeploymentState) -> tuple[ServiceStatus, ...]:
-        listed = {
-            s["Name"]: s
-            for s in self.docker.json_lines(["service", "ls", "--filter", f"label={LABEL}={state.name}"])
-        }
-        try:
-            nodes = {n.id: n for n in list_nodes(self.docker)}
-        except EngineError:
-            nodes = {}
-        wanted: list[tuple[int, str, str, str]] = [
-            (
-                int(st["index"]),
-                f"stage{st['index']}",
-                str(st.get("service") or service_name(state.name, f"stage{st['index']}")),
-                str(st.get("node") or ""),
-            )
-            for st in state.stages
-        ]
-        for role, key in (("gateway", "gateway_node"), ("artifacts", "manager")):
-            if f"layerline-{state.name}-{role}" in state.extra.get("services", []):
-                wanted.append((-1, role, service_name(state.name, role), str(state.extra.get(key) or "")))
-        result = []
-        for index, role, name, node_id in wanted:
-            node = nodes.get(node_id)
-            where = node.hostname if node else node_id[:12]
-            node_state = (node.state if node.availability == "active" else node.availability) if node else ""
-            row = listed.get(name)
-            if row is None:
-                result.append(
-                    ServiceStatus(index, name, 0, 0, "missing", "service not found", role, where, node_state)
-                )
-                continue
-            running, _, desired = str(row.get("Replicas", "0/0")).partition("/")
-            tasks = self._tasks(name)
-            latest = tasks[0] if tasks else {}
-            result.append(
-                ServiceStatus(
-                    index,
-                    name,
-                    int(running or 0),
-                    int((desired.split() or ["0"])[0]),
-                    str(latest.get("CurrentState", "")),
-                    str(latest.get("Error", "")),
-                    role,
-                    where,
-                    node_state,
-                )
-            )
-        return tuple(result)
+        return service_statuses(self.docker, state)
 
     def _tasks(self, service: str) -> list[dict]:
-        return self.docker.json_lines(["service", "ps", "--no-trunc", service])
+        return tasks(self.docker, service)
 
     def _logs(self, service: str, lines: int = 20) -> str:
         out = self.docker.run(
