@@ -111,7 +111,11 @@ def swarm_docker():
             if docker.run(["info", "--format", "{{.ID}}"], check=False, timeout_s=5).strip():
                 break
             time.sleep(0.2)
-        docker.run(["swarm", "init", "--advertise-addr", "127.0.0.1"])
+        # a port of its own: the host (or another test run) may already run a swarm manager on 2377
+        from layerline.runtime.ports import free_port
+
+        raft = f"127.0.0.1:{free_port('127.0.0.1')}"
+        docker.run(["swarm", "init", "--advertise-addr", raft, "--listen-addr", raft])
         TIMINGS["dockerd start + swarm init"] = time.monotonic() - t0
         yield docker
     finally:
