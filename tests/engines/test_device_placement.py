@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from engines_support import relu_chain
 
 from layerline.cli.main import main
 from layerline.engines import processes
@@ -38,26 +38,7 @@ needs_cgroup = pytest.mark.skipif(
 
 
 def _chain(layers: int = 3) -> onnx.ModelProto:
-    rng = np.random.default_rng(0)
-    nodes, inits, x = [], [], "x"
-    for i in range(layers):
-        w = (rng.standard_normal((WIDTH, WIDTH)) * 0.1).astype(np.float32)
-        inits.append(numpy_helper.from_array(w, f"w{i}"))
-        nodes += [
-            helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]),
-            helper.make_node("Relu", [f"m{i}"], [f"r{i}"]),
-        ]
-        x = f"r{i}"
-    graph = helper.make_graph(
-        nodes,
-        "chain",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", WIDTH])],
-        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", WIDTH])],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    return relu_chain(layers, WIDTH)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from engines_support import relu_chain
 
 from layerline.autoscale.local_scaler import LocalReplicaScaler
 from layerline.engines import processes
@@ -39,25 +39,7 @@ pytestmark = [
 
 
 def _chain(path: Path) -> onnx.ModelProto:
-    rng = np.random.default_rng(0)
-    nodes, inits, x = [], [], "x"
-    for i in range(2):
-        w = (rng.standard_normal((WIDTH, WIDTH)) * 0.1).astype(np.float32)
-        inits.append(numpy_helper.from_array(w, f"w{i}"))
-        nodes += [
-            helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]),
-            helper.make_node("Relu", [f"m{i}"], [f"r{i}"]),
-        ]
-        x = f"r{i}"
-    graph = helper.make_graph(
-        nodes,
-        "chain",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", WIDTH])],
-        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", WIDTH])],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+    model = relu_chain(2, WIDTH)
     onnx.save(model, path)
     return model
 
